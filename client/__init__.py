@@ -1,0 +1,1 @@
+"""Flower ClientApp: the site side. Handlers only; the ML lives in ``shared``."""

@@ -1,0 +1,79 @@
+"""What a site trains and evaluates on, built once per process and reused across rounds.
+
+A simulated site takes its partition of the shared pool (partition-id from
+Flower's node config); a deployed site reads its own folder (``data-path`` in
+its node config). Either way the data is split into a local training part and a
+local evaluation part, and the frozen part's outputs are cached when exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.config import FedConfig
+from shared.data import ImageSet, load_dataset, load_image_folder, stratified_split
+from shared.task import LocalData, Task
+
+__all__ = ["Site", "load_site"]
+
+_log = logging.getLogger("fedlens.client.site")
+
+
+@dataclass
+class Site:
+    name: str
+    task: Task
+    train: LocalData
+    eval: LocalData
+
+
+@functools.lru_cache(maxsize=2)
+def _pool(cfg_json: str) -> tuple[Task, ImageSet, LocalData]:
+    # One Task per process and config: the frozen part is the same for every site and
+    # the trainable part is overwritten by each message, so sites share it safely.
+    cfg = FedConfig.from_mapping(__import__("json").loads(cfg_json))
+    train, _test = load_dataset(cfg)
+    task = Task(cfg, train.num_classes)
+    return task, train, task.prepare(train, for_training=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _partition(cfg_json: str, site: int) -> np.ndarray:
+    from simulations.partition import partition  # only simulated sites partition a pool
+
+    cfg = FedConfig.from_mapping(__import__("json").loads(cfg_json))
+    _task, pool, _data = _pool(cfg_json)
+    return partition(pool.labels.numpy(), cfg)[site]
+
+
+def _local_split(data: LocalData, labels: np.ndarray, fraction: float, seed: int) -> tuple[LocalData, LocalData]:
+    if fraction <= 0 or len(labels) < 2:
+        return data, data.subset(torch.arange(0))
+    rest, held = stratified_split(labels, fraction, seed=seed)
+    return data.subset(torch.as_tensor(rest)), data.subset(torch.as_tensor(held))
+
+
+def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
+    """The site described by Flower's ``node_config`` under ``cfg``."""
+    if "partition-id" in node_config:
+        site_id = int(node_config["partition-id"])  # type: ignore[arg-type]
+        key = cfg.to_json()
+        task, pool, pool_data = _pool(key)
+        idx = _partition(key, site_id)
+        data = pool_data.subset(torch.as_tensor(idx))
+        labels = pool.labels.numpy()[idx]
+        name = f"site-{site_id}"
+    else:
+        data_path = str(node_config.get("data-path") or cfg.data_path)
+        name = str(node_config.get("site-name") or "site")
+        images, _report = load_image_folder(data_path, image_size=cfg.image_size, name=name)
+        task = Task(cfg, images.num_classes)
+        data = task.prepare(images, for_training=True)
+        labels = images.labels.numpy()
+    train, held = _local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
+    return Site(name=name, task=task, train=train, eval=held)

@@ -1,0 +1,1 @@
+"""Flower ServerApp: strategy selection, failure guard and per-round recording."""

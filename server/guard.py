@@ -1,0 +1,104 @@
+"""A strategy wrapper that watches every reply: per-site outcomes, and a hard stop.
+
+Flower's strategies log failed replies and carry on with the old weights even when
+every site failed. fedlens records each site's outcome for the run summary and
+stops the run with a clear reason when a round produced no usable update.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from shared.protocol import SITE_RECORD
+
+__all__ = ["SiteGuard", "AllSitesFailed", "RoundReport"]
+
+_log = logging.getLogger("fedlens.server.guard")
+
+
+class AllSitesFailed(RuntimeError):
+    """No site returned a usable update in a round."""
+
+
+class RoundReport:
+    """What the sites said in one round, keyed by site name."""
+
+    def __init__(self) -> None:
+        self.train: dict[str, dict[str, float]] = {}
+        self.evaluate: dict[str, dict[str, float]] = {}
+        self.failures: dict[str, str] = {}
+        self.train_aggregate: dict[str, float] = {}
+        self.evaluate_aggregate: dict[str, float] = {}
+
+
+class SiteGuard(Strategy):
+    """Wrap ``inner``; delegate everything, inspect replies.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The aggregation strategy doing the real work.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.names: dict[int, str] = {}
+        self.current = RoundReport()
+        self.failures_per_site: dict[str, int] = {}
+
+    def _name(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if msg.has_content() and SITE_RECORD in msg.content.config_records:
+            self.names[node] = str(msg.content.config_records[SITE_RECORD]["name"])
+        return self.names.get(node, f"node-{node}")
+
+    def _split(self, replies: Iterable[Message], phase: str) -> list[Message]:
+        replies = list(replies)
+        for msg in replies:
+            name = self._name(msg)
+            if msg.has_error():
+                reason = f"{phase}: {msg.error.reason}"
+                self.current.failures[name] = reason
+                self.failures_per_site[name] = self.failures_per_site.get(name, 0) + 1
+                _log.warning("site %s failed in %s: %s", name, phase, msg.error.reason.strip().splitlines()[-1:] or "")
+            else:
+                metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+                target = self.current.train if phase == "train" else self.current.evaluate
+                target[name] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        return replies
+
+    # ---- Strategy interface ------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current = RoundReport()
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = self._split(replies, "train")
+        if not any(not m.has_error() for m in replies):
+            reasons = "; ".join(f"{k}: {v.strip().splitlines()[-1] if v.strip() else v}" for k, v in self.current.failures.items())
+            raise AllSitesFailed(
+                f"round {server_round}: none of the {len(replies)} sampled sites returned an update"
+                + (f" ({reasons})" if reasons else " (no site answered before the round timeout)")
+            )
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None:
+            raise AllSitesFailed(f"round {server_round}: the strategy could not aggregate the site updates")
+        self.current.train_aggregate = dict(metrics or {})
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = self._split(replies, "evaluate")
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        self.current.evaluate_aggregate = dict(metrics or {})
+        return metrics
+
+    def summary(self) -> None:
+        self.inner.summary()

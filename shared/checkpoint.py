@@ -1,0 +1,73 @@
+"""Model checkpoints as safetensors with the run's config embedded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from .errors import CheckpointError
+from .io import atomic_write_bytes
+
+__all__ = ["save_checkpoint", "load_checkpoint", "Checkpoint"]
+
+_FORMAT = "fedlens-model-v1"
+
+
+class Checkpoint(dict):
+    """``state`` (tensors) plus ``meta`` (the JSON metadata written with them)."""
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        return self["state"]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self["meta"]
+
+
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], **meta: Any) -> None:
+    """Write ``state`` and JSON-serialisable ``meta`` atomically as safetensors.
+
+    ``meta`` should carry at least ``config`` (the resolved run config mapping),
+    ``classes`` and ``round``.
+    """
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    header = {"format": _FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+    atomic_write_bytes(path, save(tensors, metadata=header))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Only safetensors are read: other formats could execute code when unpickled.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, not safetensors, or not a fedlens model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist")
+    try:
+        state = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a safetensors model ({exc}). fedlens only loads safetensors files, "
+            "because pickled checkpoints can run arbitrary code when opened."
+        ) from exc
+    if header.get("format") != _FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a fedlens model (no '{_FORMAT}' header)")
+    meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
+    return Checkpoint(state=state, meta=meta)

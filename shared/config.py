@@ -1,0 +1,252 @@
+"""The one run configuration: a frozen, validated dataclass.
+
+Keys are kebab-case in TOML files, ``--set`` overrides and Flower's run config
+(``num-rounds``) and snake_case in Python (``num_rounds``). Unknown keys are
+rejected with the list of valid ones; values are type- and range-checked before
+anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+__all__ = ["FedConfig", "load_config", "parse_overrides", "config_keys"]
+
+DATASETS = ("fashion-mnist", "folder", "npz")
+PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+DEVICES = ("auto", "cpu", "cuda")
+# Flower run-config keys that wire the app (where to write) rather than configure ML.
+APP_KEYS = ("out-dir",)
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Everything a run needs. Defaults are the embedded main job."""
+
+    # --- data ---------------------------------------------------------------
+    dataset: str = _opt("fashion-mnist", "data source", DATASETS)
+    data_path: str = _opt("", "folder (ImageFolder layout) or .npz file; for fashion-mnist, a folder with the idx files")
+    test_fraction: float = _opt(0.2, "folder/npz: stratified share the server keeps as held-out test set (fashion-mnist uses its own test split)")
+    site_eval_fraction: float = _opt(0.1, "share of each site's images kept for federated evaluation at the site")
+    max_train_images: int = _opt(0, "use at most this many training images, stratified (0 = all); for quick trials")
+    max_test_images: int = _opt(0, "use at most this many test images, stratified (0 = all)")
+    # --- federation -----------------------------------------------------------
+    num_sites: int = _opt(10, "number of (simulated) sites")
+    num_rounds: int = _opt(5, "federated rounds")
+    partition: str = _opt("dirichlet", "how simulation splits the pool across sites", PARTITIONS)
+    alpha: float = _opt(0.5, "Dirichlet concentration: small = strong label skew (dirichlet), size skew (quantity)")
+    classes_per_site: int = _opt(2, "pathological partition: classes each site holds")
+    strategy: str = _opt("fedavg", "aggregation strategy", STRATEGIES)
+    fraction_train: float = _opt(1.0, "share of sites sampled for training each round, in (0, 1]")
+    fraction_evaluate: float = _opt(1.0, "share of sites sampled for federated evaluation, in [0, 1]")
+    min_sites: int = _opt(2, "minimum sites per round (training and evaluation)")
+    proximal_mu: float = _opt(0.01, "fedprox: weight of the proximal term")
+    server_lr: float = _opt(0.01, "fedadam/fedyogi: server learning rate (eta)")
+    trim_beta: float = _opt(0.2, "fedtrimmedavg: share trimmed at each end, in [0, 0.5)")
+    krum_byzantine: int = _opt(0, "krum: number of malicious sites to tolerate")
+    round_timeout: float = _opt(3600.0, "seconds to wait for sites in one round")
+    # --- model ----------------------------------------------------------------
+    backbone: str = _opt("efficientnet-lite0", "registered backbone name")
+    pretrained: bool = _opt(True, "start from ImageNet weights (false = random, logged loudly)")
+    weights_path: str = _opt("", "local weights file instead of the backbone's default source")
+    # last-2 = Lite0's final MBConv block + 1x1 head conv + classifier: about a third
+    # of the bytes of the full model travel, and it is well past a linear probe.
+    policy: str = _opt("last-2", "fine-tune policy: head, last-N or full")
+    # 64 px: Fashion-MNIST is 28 px; larger inputs cost time without much gain.
+    image_size: int = _opt(64, "side length images are resized to")
+    augment: str = _opt("none", "training augmentation: none or a comma list of flip, crop, color")
+    # --- optimisation -----------------------------------------------------------
+    local_epochs: int = _opt(1, "passes over the local data per round")
+    batch_size: int = _opt(32, "training batch size")
+    lr: float = _opt(0.05, "site learning rate (SGD)")
+    momentum: float = _opt(0.9, "SGD momentum, in [0, 1)")
+    weight_decay: float = _opt(0.0, "L2 weight decay of the site optimiser")
+    # --- run ------------------------------------------------------------------
+    seed: int = _opt(0, "seed for partitions, sampling, initialisation and shuffling")
+    device: str = _opt("auto", "auto uses CUDA when present", DEVICES)
+    feature_cache: bool = _opt(True, "cache the frozen part's outputs when no augmentation applies (exact, faster)")
+    cache_dir: str = _opt("", "feature/data cache folder (default: $XDG_CACHE_HOME/fedlens)")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check_ranges(self)
+
+    # ---- construction -------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, base: "FedConfig | None" = None) -> "FedConfig":
+        """Build from kebab-case keys on top of ``base`` (default: the defaults).
+
+        Raises
+        ------
+        ConfigError
+            On unknown keys, wrong types or out-of-range values.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        updates: dict[str, Any] = {}
+        unknown = []
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in names or "_" in key:
+                unknown.append(key)
+                continue
+            updates[name] = value
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s): {', '.join(sorted(unknown))}. Valid keys: {', '.join(config_keys())}"
+            )
+        return dataclasses.replace(base or cls(), **updates)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedConfig":
+        """Build from Flower's run config, ignoring the app-wiring keys (``out-dir``)."""
+        return cls.from_mapping({k: v for k, v in run_config.items() if k not in APP_KEYS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping of every key: the run config Flower carries."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_toml(self) -> str:
+        """The resolved configuration as a TOML document that loads back identically."""
+        lines = ["# fedlens resolved configuration"]
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def config_keys() -> list[str]:
+    """All valid kebab-case keys."""
+    return [f.name.replace("_", "-") for f in dataclasses.fields(FedConfig)]
+
+
+def config_help() -> str:
+    """One line per key: name, default and meaning (for ``--help``)."""
+    rows = []
+    for f in dataclasses.fields(FedConfig):
+        extra = f" ({'|'.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
+        rows.append(f"  {f.name.replace('_', '-'):<20} = {_toml_value(f.default):<22} {f.metadata['help']}{extra}")
+    return "\n".join(rows)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _check_types(cfg: FedConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        key, value, expected = f.name.replace("_", "-"), getattr(cfg, f.name), f.type
+        if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))
+            continue
+        python_type = {"int": int, "float": float, "bool": bool, "str": str}[expected]
+        if not isinstance(value, python_type) or (python_type is int and isinstance(value, bool)):
+            raise ConfigError(f"`{key}` must be a {expected}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"`{key}` must be finite, got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"`{key}` = {value!r} is not one of: {', '.join(choices)}")
+
+
+def _check_ranges(cfg: FedConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(0.0 < cfg.test_fraction < 1.0, f"`test-fraction` must be in (0, 1), got {cfg.test_fraction}")
+    need(0.0 <= cfg.site_eval_fraction < 1.0, f"`site-eval-fraction` must be in [0, 1), got {cfg.site_eval_fraction}")
+    need(cfg.max_train_images >= 0 and cfg.max_test_images >= 0, "`max-train-images` and `max-test-images` must be >= 0")
+    need(cfg.num_sites >= 1, f"`num-sites` must be at least 1, got {cfg.num_sites}")
+    need(cfg.num_rounds >= 1, f"`num-rounds` must be at least 1, got {cfg.num_rounds}")
+    need(cfg.alpha > 0.0, f"`alpha` must be > 0 (smaller = more skew), got {cfg.alpha}")
+    need(cfg.classes_per_site >= 1, f"`classes-per-site` must be at least 1, got {cfg.classes_per_site}")
+    need(0.0 < cfg.fraction_train <= 1.0, f"`fraction-train` must be in (0, 1], got {cfg.fraction_train}")
+    need(0.0 <= cfg.fraction_evaluate <= 1.0, f"`fraction-evaluate` must be in [0, 1], got {cfg.fraction_evaluate}")
+    need(cfg.min_sites >= 1, f"`min-sites` must be at least 1, got {cfg.min_sites}")
+    need(
+        cfg.min_sites <= cfg.num_sites,
+        f"`min-sites` ({cfg.min_sites}) is larger than `num-sites` ({cfg.num_sites}): no round could ever start",
+    )
+    need(cfg.proximal_mu >= 0.0, f"`proximal-mu` must be >= 0, got {cfg.proximal_mu}")
+    need(cfg.server_lr > 0.0, f"`server-lr` must be > 0, got {cfg.server_lr}")
+    need(0.0 <= cfg.trim_beta < 0.5, f"`trim-beta` must be in [0, 0.5), got {cfg.trim_beta}")
+    need(cfg.krum_byzantine >= 0, f"`krum-byzantine` must be >= 0, got {cfg.krum_byzantine}")
+    need(cfg.round_timeout > 0.0, f"`round-timeout` must be > 0 seconds, got {cfg.round_timeout}")
+    need(16 <= cfg.image_size <= 1024, f"`image-size` must be in [16, 1024], got {cfg.image_size}")
+    need(cfg.local_epochs >= 1, f"`local-epochs` must be at least 1, got {cfg.local_epochs}")
+    need(cfg.batch_size >= 1, f"`batch-size` must be at least 1, got {cfg.batch_size}")
+    need(cfg.lr > 0.0, f"`lr` must be > 0, got {cfg.lr}")
+    need(0.0 <= cfg.momentum < 1.0, f"`momentum` must be in [0, 1), got {cfg.momentum}")
+    need(cfg.weight_decay >= 0.0, f"`weight-decay` must be >= 0, got {cfg.weight_decay}")
+    need(cfg.dataset == "fashion-mnist" or bool(cfg.data_path), f"`dataset = {cfg.dataset!r}` needs `data-path`")
+    # Imported here: both parsers raise ConfigError with the accepted forms.
+    from .data.transforms import parse_augment
+    from .models import parse_policy
+
+    parse_policy(cfg.policy)
+    parse_augment(cfg.augment)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; values use TOML syntax, bare words are strings.
+
+    Raises
+    ------
+    ConfigError
+        If an item has no ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. --set num-rounds=3)")
+        raw = raw.strip()
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> FedConfig:
+    """Defaults, then a TOML file, then overrides — validated once at the end.
+
+    Raises
+    ------
+    ConfigError
+        For an unreadable file, nested tables or any invalid key or value.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values.update(tomllib.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        nested = [k for k, v in values.items() if isinstance(v, (dict, list))]
+        if nested:
+            raise ConfigError(f"config file {path}: keys must be flat scalars; {', '.join(nested)} is a table or list")
+    values.update(overrides or {})
+    return FedConfig.from_mapping(values)

@@ -1,0 +1,75 @@
+"""An in-memory labelled image set: the one data shape the core works on."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["ImageSet", "LoadReport"]
+
+
+@dataclass
+class LoadReport:
+    """What happened while reading a data source: counts and the first errors."""
+
+    source: str
+    read: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def add_error(self, message: str, *, keep: int = 20) -> None:
+        self.skipped += 1
+        if len(self.errors) < keep:
+            self.errors.append(message)
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.read} images read, {self.skipped} skipped"
+        if self.errors:
+            text += f" (first: {self.errors[0]})"
+        return text
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images as ``uint8 [N, C, H, W]`` (C is 1 or 3) with ``int64 [N]`` labels.
+
+    Images keep their stored size and channel count; resizing, the grey-to-RGB
+    expansion and normalisation happen per batch in :mod:`shared.data.transforms`,
+    so a 28 x 28 grey set costs 28 x 28 bytes an image in memory.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be uint8 [N, 1|3, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must be one integer per image")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, indices: np.ndarray | torch.Tensor | list[int], name: str | None = None) -> "ImageSet":
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, name or self.name)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
+
+    def fingerprint(self) -> str:
+        """A content hash: equal for equal images, labels and class names."""
+        digest = hashlib.sha256()
+        digest.update(repr((tuple(self.images.shape), self.classes)).encode())
+        digest.update(self.images.contiguous().numpy().tobytes())
+        digest.update(self.labels.numpy().tobytes())
+        return digest.hexdigest()

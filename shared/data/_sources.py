@@ -1,0 +1,227 @@
+"""Readers for the data sources fedlens supports: image folders, Fashion-MNIST, MedMNIST .npz."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ._decode import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from ._imageset import ImageSet, LoadReport
+
+__all__ = [
+    "load_image_folder",
+    "load_fashion_mnist",
+    "load_npz",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIRS",
+]
+
+_log = logging.getLogger(f"fedlens.{__name__}")
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+# Debian's dataset-fashion-mnist package installs the original idx files here.
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+
+
+def load_image_folder(root: str | Path, *, image_size: int, name: str | None = None) -> tuple[ImageSet, LoadReport]:
+    """Read an ImageFolder layout: ``root/<class>/<image>``.
+
+    Unreadable, empty and non-image files are skipped and counted in the report.
+
+    Raises
+    ------
+    DataError
+        If ``root`` is missing, has no class folders, or holds no readable image.
+    """
+    root = Path(root)
+    report = LoadReport(source=str(root))
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"data folder {root} has no class sub-folders; expected one folder per class, "
+            f"e.g. {root}/benign/img1.png and {root}/malignant/img2.png"
+        )
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        for path in sorted((root / cls).rglob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            rel = path.relative_to(root)
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                report.add_error(f"{rel}: not an image file type")
+                continue
+            try:
+                arrays.append(decode_image(path, image_size))
+            except ImageDecodeError as exc:
+                report.add_error(f"{rel}: {exc}")
+                continue
+            labels.append(label)
+    report.read = len(arrays)
+    if not arrays:
+        detail = "; ".join(report.errors[:3]) or "the class folders are empty"
+        raise DataError(f"data folder {root} has 0 readable images ({report.skipped} files failed: {detail})")
+    if report.skipped:
+        _log.warning("%s", report.summary())
+    channels = max(a.shape[0] for a in arrays)
+    stacked = np.stack([np.repeat(a, channels // a.shape[0], axis=0) for a in arrays])
+    images = ImageSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.int64), tuple(classes), name or root.name)
+    _check_classes(images, str(root))
+    return images, report
+
+
+def _check_classes(images: ImageSet, where: str) -> None:
+    empty = [c for c, n in zip(images.classes, images.class_counts()) if n == 0]
+    if empty:
+        _log.warning("%s: classes with no readable image: %s", where, ", ".join(empty))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path} is not an idx file")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: unsupported idx element type {dtype_code:#x} (expected unsigned bytes)")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
+    return body.reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem, folder / "FashionMNIST" / "raw" / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_fashion_mnist(data_path: str | None = None, *, download_root: str | None = None) -> tuple[ImageSet, ImageSet]:
+    """Fashion-MNIST as ``(train, test)`` (60,000 and 10,000 grey 28 x 28 images).
+
+    Looked up in ``data_path`` when given, else in Debian's ``dataset-fashion-mnist``
+    location; when absent there, torchvision downloads it into ``download_root``.
+
+    Raises
+    ------
+    DataError
+        If the files are nowhere and cannot be downloaded.
+    """
+    folders = [Path(data_path)] if data_path else [Path(d) for d in FASHION_MNIST_DIRS]
+    if download_root:
+        folders.append(Path(download_root))
+    for folder in folders:
+        stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+        paths = [_find_idx(folder, s) for s in stems]
+        if all(p is not None for p in paths):
+            arrays = [_read_idx(p) for p in paths]  # type: ignore[arg-type]
+            _log.debug("Fashion-MNIST read from %s", folder)
+            return _fmnist_set(arrays[0], arrays[1], "fashion-mnist-train"), _fmnist_set(arrays[2], arrays[3], "fashion-mnist-test")
+    if data_path:
+        raise DataError(
+            f"Fashion-MNIST idx files (train-images-idx3-ubyte[.gz] and three more) are not in {data_path}"
+        )
+    if download_root is None:
+        raise DataError(_FMNIST_HELP)
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(download_root, train=True, download=True)
+        FashionMNIST(download_root, train=False, download=True)
+    except Exception as exc:  # URLError, RuntimeError from torchvision's downloader
+        raise DataError(f"{_FMNIST_HELP} The download attempt failed: {type(exc).__name__}: {exc}") from exc
+    return load_fashion_mnist(str(Path(download_root) / "FashionMNIST" / "raw"))
+
+
+_FMNIST_HELP = (
+    "Fashion-MNIST is not on this machine. Install it with `apt-get install dataset-fashion-mnist` "
+    "(Debian/Ubuntu), point `data-path` at a folder holding the four idx files, or run where "
+    "torchvision can download it."
+)
+
+
+def _fmnist_set(images: np.ndarray, labels: np.ndarray, name: str) -> ImageSet:
+    return ImageSet(
+        torch.from_numpy(images.copy())[:, None],
+        torch.from_numpy(labels.astype(np.int64)),
+        FASHION_MNIST_CLASSES,
+        name,
+    )
+
+
+def load_npz(path: str | Path) -> ImageSet:
+    """Read a MedMNIST-format ``.npz`` (``{train,val,test}_{images,labels}``), all splits pooled.
+
+    Images may be ``[N, H, W]`` (grey) or ``[N, H, W, 3]``; labels ``[N]`` or ``[N, 1]``.
+    Class names come from a ``classes`` array when present, else ``"0" .. "K-1"``.
+
+    Raises
+    ------
+    DataError
+        For a missing or unreadable file, missing keys, multi-label targets or
+        mismatched lengths.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"npz file {path} does not exist")
+    try:
+        # allow_pickle=False: an .npz may carry pickled objects, which could run code.
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path} as a numpy .npz file ({exc})") from exc
+    splits = [s for s in ("train", "val", "test") if f"{s}_images" in arrays]
+    if not splits:
+        raise DataError(f"{path} has no '<split>_images' arrays (found: {', '.join(sorted(arrays)) or 'nothing'}); expected MedMNIST layout")
+    images, labels = [], []
+    for split in splits:
+        x, key = arrays[f"{split}_images"], f"{split}_labels"
+        if key not in arrays:
+            raise DataError(f"{path} has {split}_images but no {key}")
+        y = arrays[key]
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise DataError(f"{path}: {key} has shape {y.shape}; multi-label data sets are not supported")
+        if len(x) != len(y):
+            raise DataError(f"{path}: {split} has {len(x)} images but {len(y)} labels")
+        if x.ndim == 3:
+            x = x[:, None]
+        elif x.ndim == 4 and x.shape[-1] in (1, 3):
+            x = x.transpose(0, 3, 1, 2)
+        else:
+            raise DataError(f"{path}: {split}_images has shape {x.shape}; expected [N, H, W] or [N, H, W, 3]")
+        if x.dtype != np.uint8:
+            raise DataError(f"{path}: {split}_images has dtype {x.dtype}; expected uint8")
+        images.append(x)
+        labels.append(y.astype(np.int64))
+    y_all = np.concatenate(labels)
+    if y_all.min() < 0:
+        raise DataError(f"{path}: labels must be non-negative integers")
+    if "classes" in arrays:
+        classes = tuple(str(c) for c in arrays["classes"].tolist())
+    else:
+        classes = tuple(str(i) for i in range(int(y_all.max()) + 1))
+    if y_all.max() >= len(classes):
+        raise DataError(f"{path}: label {int(y_all.max())} but only {len(classes)} class names")
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(np.concatenate(images))), torch.from_numpy(y_all), classes, path.stem)
+
+
+def default_download_root() -> str:
+    """Where downloaded data sets go: ``$XDG_CACHE_HOME/fedlens/data``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fedlens", "data")

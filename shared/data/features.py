@@ -1,0 +1,105 @@
+"""Outputs of a model's frozen prefix, computed once per image and cached on disk.
+
+The frozen stages of a :class:`FedModel` never change during a run, so when no
+augmentation applies their output for an image is a constant: computing it once
+instead of every epoch is exact and removes most of the training cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..models import FedModel
+from ._imageset import ImageSet
+from .transforms import ImageTransform
+
+__all__ = ["compute_features", "cached_features", "default_cache_dir"]
+
+_log = logging.getLogger(f"fedlens.{__name__}")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fedlens`` (``~/.cache/fedlens``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fedlens"
+
+
+@torch.no_grad()
+def compute_features(
+    model: FedModel,
+    stop: int,
+    images: ImageSet,
+    transform: ImageTransform,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Run stages ``[:stop]`` of ``model`` over every image (eval mode, no augmentation)."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    started, last_log = time.monotonic(), time.monotonic()
+    for start in range(0, len(images), batch_size):
+        x = transform(images.images[start : start + batch_size]).to(device)
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        outputs.append(model.forward_until(x, stop).float().cpu())
+        if time.monotonic() - last_log > 10:
+            last_log = time.monotonic()
+            _log.info("features for %s: %d/%d images", images.name, start + x.shape[0], len(images))
+    model.train(was_training)
+    _log.debug("features for %s: %d images in %.1fs", images.name, len(images), time.monotonic() - started)
+    return torch.cat(outputs)
+
+
+def cached_features(
+    model: FedModel,
+    stop: int,
+    images: ImageSet,
+    transform: ImageTransform,
+    *,
+    model_id: str,
+    cache_dir: str | Path | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """:func:`compute_features`, read from / written to ``cache_dir`` when possible.
+
+    Parameters
+    ----------
+    model_id : str
+        Identifies the frozen weights (backbone, weights hash or seed): part of the key.
+    cache_dir : path-like or None
+        Cache folder; ``None`` disables the disk cache.
+    """
+    if cache_dir is None:
+        return compute_features(model, stop, images, transform, device=device)
+    key = hashlib.sha256(
+        json.dumps([model_id, stop, transform.image_size, images.fingerprint(), 1]).encode()
+    ).hexdigest()[:32]
+    folder = Path(cache_dir) / "features"
+    path = folder / f"{key}.pt"
+    if path.is_file():
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(feats, torch.Tensor) and feats.shape[0] == len(images):
+                return feats
+        except Exception as exc:  # a corrupt cache entry is recomputed, never trusted
+            _log.warning("ignoring unreadable feature cache %s (%s)", path, exc)
+    feats = compute_features(model, stop, images, transform, device=device)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(feats, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return feats

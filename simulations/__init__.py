@@ -1,0 +1,1 @@
+"""Local simulation: partitioners, experiment overlays and the runner."""

@@ -1,0 +1,145 @@
+"""The ``fedlens`` command line.
+
+Subcommands register themselves from the package that owns them; heavy imports
+(torch, Flower, Ray) happen only inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from shared.config import FedConfig, config_help, load_config, parse_overrides
+from shared.errors import FedlensError
+
+__all__ = ["main"]
+
+EXPERIMENTS = Path(__file__).parent / "experiments"
+
+
+def _experiments() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS.glob("*.toml"))
+
+
+def _resolve_config(args: argparse.Namespace) -> FedConfig:
+    path = args.config
+    if getattr(args, "experiment", None):
+        if path:
+            raise FedlensError("give either --config or --experiment, not both")
+        path = EXPERIMENTS / f"{args.experiment}.toml"
+        if not path.is_file():
+            raise FedlensError(f"unknown experiment {args.experiment!r}; available: {', '.join(_experiments())}")
+    return load_config(path, parse_overrides(args.set or []))
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, experiments: bool = True) -> None:
+    p.add_argument("--config", type=Path, help="TOML file with config keys (kebab-case, flat)")
+    if experiments:
+        p.add_argument("--experiment", help=f"a bundled experiment overlay: {', '.join(_experiments())}")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable), e.g. --set num-rounds=3")
+
+
+def _default_out(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .runner import simulate
+
+    if args.resume:
+        if args.config or args.set or args.experiment:
+            raise FedlensError("--resume continues a run with its saved config; drop --config/--experiment/--set")
+        summary = simulate(FedConfig(), args.resume, resume=True)
+        out = args.resume
+    else:
+        cfg = _resolve_config(args)
+        out = args.out or _default_out("simulate")
+        summary = simulate(cfg, out)
+    _print_result(summary, out)
+    return 0
+
+
+def _cmd_centralized(args: argparse.Namespace) -> int:
+    from .runner import centralized
+
+    cfg = _resolve_config(args)
+    out = args.out or _default_out("centralized")
+    _print_result(centralized(cfg, out), out)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.keys:
+        print(config_help())
+        return 0
+    print(_resolve_config(args).to_toml(), end="")
+    return 0
+
+
+def _print_result(summary: dict[str, object], out: str | Path) -> None:
+    acc, f1 = summary.get("final_accuracy"), summary.get("final_macro_f1")
+    print(
+        f"final accuracy {acc:.4f}  macro-F1 {f1:.4f}  ({summary['rounds']} rounds, "
+        f"{summary['wall_seconds']:.0f}s)\nartifacts: {Path(out).resolve()}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedlens",
+        description="Federated, differentially private fine-tuning of pretrained CNNs with explainability reports.",
+        epilog="Config keys: run `fedlens config --keys`.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (including Flower's)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="run a federated simulation locally (Flower simulation engine)",
+                       description="Run a federated fine-tune with simulated sites on this machine.")  # fmt: skip
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, help="run folder to create (default: runs/simulate-<time>)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted run from its last completed round")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("centralized", help="train the same model on the pooled data (the baseline)",
+                       description="Train on all data in one place for num-rounds x local-epochs passes.")  # fmt: skip
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, help="run folder to create (default: runs/centralized-<time>)")
+    p.set_defaults(func=_cmd_centralized)
+
+    p = sub.add_parser("config", help="print the resolved config, or every key with --keys",
+                       description="Show the configuration a command would run with.")  # fmt: skip
+    _add_config_args(p)
+    p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logger = logging.getLogger("fedlens")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    logging.basicConfig(level=logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedlens`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except FedlensError as exc:
+        print(f"fedlens: error: {exc}", file=sys.stderr)
+        return 1 if type(exc).__name__ == "SimulationFailed" else 2
+    except KeyboardInterrupt:
+        print("fedlens: interrupted; continue a simulation with `fedlens simulate --resume DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Run a federation locally on Flower's simulation engine, or its centralized baseline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.config import FedConfig
+from shared.data import load_dataset
+from shared.errors import FedlensError
+from shared.rundir import RunDir
+from shared.task import Task
+
+from .partition import class_counts, partition
+
+__all__ = ["simulate", "centralized", "SimulationFailed", "quiet_flower"]
+
+_log = logging.getLogger("fedlens.simulations")
+
+# Flower must neither phone home nor install packages at run time (it would pull a
+# CUDA build of torch into a fresh environment).
+_FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+class SimulationFailed(FedlensError):
+    """The federated run stopped before finishing; the message says why."""
+
+
+class _DropDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "deprecated" not in record.getMessage().lower()
+
+
+def quiet_flower() -> None:
+    """Keep Flower's per-message INFO logs off the terminal (warnings still show)."""
+    for key, value in _FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.WARNING)
+    for handler in flwr_logger.handlers:
+        handler.addFilter(_DropDeprecation())
+
+
+def _log_partitions(cfg: FedConfig, counts: list[list[int]], classes: tuple[str, ...]) -> None:
+    width = max(5, *(len(str(max(row))) for row in counts))
+    header = "site      " + " ".join(f"{c[:width]:>{width}}" for c in classes) + "   total"
+    _log.info("%s partition of %d images over %d sites (seed %d):", cfg.partition, sum(map(sum, counts)), cfg.num_sites, cfg.seed)
+    _log.info("%s", header)
+    for i, row in enumerate(counts):
+        _log.info("%s", f"site-{i:<4} " + " ".join(f"{n:>{width}}" for n in row) + f"   {sum(row):>5}")
+
+
+def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Run the federated simulation described by ``cfg`` into ``out``.
+
+    Data, partitions and the frozen-feature cache are prepared (and validated)
+    before Flower starts, so bad input fails fast and the cache is computed once.
+
+    Raises
+    ------
+    SimulationFailed
+        If the run stops early (every site failed in a round, the server crashed).
+    """
+    started = time.monotonic()
+    quiet_flower()
+    if resume:
+        run = RunDir(out)
+        cfg = run.config()
+        done = run.prepare_resume()
+        if done >= cfg.num_rounds:
+            _log.info("run in %s already completed all %d rounds", out, cfg.num_rounds)
+    else:
+        run = RunDir.create(out, cfg)
+    train, test = load_dataset(cfg)
+    sites = partition(train.labels.numpy(), cfg)
+    counts = class_counts(train.labels.numpy(), sites, train.num_classes)
+    run.write_json("partitions.json", {"partition": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
+                                       "classes": list(train.classes), "class_counts": {f"site-{i}": c for i, c in enumerate(counts)}})  # fmt: skip
+    _log_partitions(cfg, counts, train.classes)
+    prep = time.monotonic()
+    task = Task(cfg, train.num_classes)
+    task.prepare(train, for_training=True)  # warms the on-disk feature cache once for all sites
+    task.prepare(test, for_training=False)
+    _log.info("data and frozen features ready in %.0fs; starting %d simulated sites", time.monotonic() - prep, cfg.num_sites)
+    del task
+
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count() or 1}}
+    if cfg.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            backend["client_resources"]["num_gpus"] = 0.5
+            backend["init_args"]["num_gpus"] = torch.cuda.device_count()
+    try:
+        run_simulation(
+            server_app=build_server_app(cfg, run.path, started=started),
+            client_app=build_client_app(cfg),
+            num_supernodes=cfg.num_sites,
+            backend_config=backend,  # type: ignore[arg-type]
+        )
+    except Exception as exc:  # the ServerApp's exception, re-raised by Flower
+        reason = str(exc) or type(exc).__name__
+        run.set_status("failed", reason=reason)
+        raise SimulationFailed(f"the federated run stopped: {reason}. Artifacts so far are in {run.path}") from exc
+    status = run.status()
+    if status.get("status") != "finished":
+        run.set_status("failed", reason="the server app ended without finishing the run")
+        raise SimulationFailed(f"the federated run ended without finishing; see {run.path}")
+    summary = run.read_json("summary.json")
+    summary["wall_seconds"] = round(summary["wall_seconds"], 2)
+    return summary
+
+
+def centralized(cfg: FedConfig, out: str | Path) -> dict[str, Any]:
+    """Train the same model on the pooled data: the baseline for federated numbers.
+
+    It makes ``num-rounds x local-epochs`` passes over the pool (the same number of
+    passes a federated run makes over every site's data), evaluating on the same
+    held-out test set after each pass.
+    """
+    started = time.monotonic()
+    run = RunDir.create(out, cfg)
+    train, test = load_dataset(cfg)
+    task = Task(cfg, train.num_classes)
+    train_data = task.prepare(train, for_training=True)
+    test_data = task.prepare(test, for_training=False)
+    epochs = cfg.num_rounds * cfg.local_epochs
+    for epoch in range(1, epochs + 1):
+        stats = task.train(train_data, epochs=1, seed=cfg.seed * 1000 + epoch)
+        report = task.evaluate(test_data)
+        elapsed = time.monotonic() - started
+        run.record_round({"round": epoch, "elapsed_s": round(elapsed, 2), "server": report.to_dict(),
+                          "train": {"train-loss": stats.loss, "train-accuracy": stats.accuracy}})  # fmt: skip
+        run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=epoch)
+        _log.info("epoch %d/%d  accuracy %.4f  macro-F1 %.4f  loss %.4f  %.0fs", epoch, epochs, report.accuracy, report.macro_f1, report.loss, elapsed)
+    last = run.records()[-1]["server"]
+    summary = {
+        "final_accuracy": last["accuracy"],
+        "final_macro_f1": last["macro_f1"],
+        "final_loss": last["loss"],
+        "final_roc_auc_macro": last["roc_auc_macro"],
+        "rounds": epochs,
+        "num_sites": 1,
+        "wall_seconds": round(time.monotonic() - started, 2),
+        "bytes_per_site_round": 0,
+        "full_model_bytes": task.full_model_bytes(),
+        "backbone": cfg.backbone,
+        "policy": cfg.policy,
+        "dataset": cfg.dataset,
+        "mode": "centralized",
+    }
+    run.finish(summary)
+    return summary

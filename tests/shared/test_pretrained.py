@@ -1,0 +1,25 @@
+"""The default backbone's ImageNet head recognises real photos: the weights are real."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+from shared.data import ImageTransform
+from shared.models import create_model, get_backbone
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.mark.parametrize("photo, expected", [("coffee", {"espresso"}), ("chelsea", {"Egyptian cat", "tabby", "tiger cat"})])
+def test_lite0_imagenet_head_classifies_real_photos(photo, expected):
+    model = create_model("efficientnet-lite0", num_classes=1000).eval()
+    img = Image.fromarray(getattr(skimage_data, photo)()).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
+    transform = ImageTransform(image_size=224, preprocessing=get_backbone("efficientnet-lite0").preprocessing)
+    with torch.no_grad():
+        probs = model(transform(x)).softmax(-1)[0]
+    top = int(probs.argmax())
+    assert _IMAGENET_CATEGORIES[top] in expected
+    assert float(probs[top]) > 0.5

@@ -1,0 +1,128 @@
+"""End-to-end: real Flower simulation engine (Ray), real pretrained backbone, tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.checkpoint import load_checkpoint
+from shared.config import FedConfig
+from simulations.runner import SimulationFailed, centralized, simulate
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "num-sites": 2,
+    "num-rounds": 1,
+    "max-train-images": 300,
+    "max-test-images": 200,
+    "image-size": 32,
+    "partition": "iid",
+}
+
+
+def _cfg(cache_dir: str, **extra) -> FedConfig:
+    return FedConfig.from_mapping({**TINY, "cache-dir": cache_dir, **extra})
+
+
+def test_two_sites_one_round_writes_every_artifact(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    summary = simulate(_cfg(cache_dir), out)
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.safetensors", "partitions.json", "accuracy.png", "loss.png"):
+        assert (out / name).is_file(), name
+    for key in ("final_accuracy", "final_macro_f1", "rounds", "num_sites", "wall_seconds", "bytes_per_site_round", "full_model_bytes"):
+        assert key in summary, key
+    assert summary["rounds"] == 1 and summary["num_sites"] == 2
+    assert 0 < summary["bytes_per_site_round"] < summary["full_model_bytes"]
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    assert len(lines) == 1 and record["round"] == 1
+    assert set(record["sites_train"]) == {"site-0", "site-1"}
+    assert len(record["server"]["confusion"]) == 10
+    ckpt = load_checkpoint(out / "model.safetensors")
+    assert ckpt.meta["round"] == 1 and ckpt.meta["config"]["num-sites"] == 2
+    counts = json.loads((out / "partitions.json").read_text())["class_counts"]
+    assert sum(map(sum, counts.values())) == 300
+
+
+def test_a_failing_site_does_not_stop_the_run(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("FEDLENS_INJECT_FAULT", "site-1")
+    summary = simulate(_cfg(cache_dir, **{"min-sites": 1}), tmp_path / "run")
+    assert summary["rounds"] == 1
+    assert "site-1" in summary["site_failures"]
+    assert "injected fault" in summary["site_failures"]["site-1"][0]
+
+
+def test_every_site_failing_stops_the_run_with_the_reason(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("FEDLENS_INJECT_FAULT", "site-0,site-1")
+    with pytest.raises(SimulationFailed, match="none of the 2 sampled sites"):
+        simulate(_cfg(cache_dir), tmp_path / "run")
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "injected fault" in status["reason"]
+
+
+def test_centralized_baseline(tmp_path, cache_dir):
+    summary = centralized(_cfg(cache_dir, **{"num-rounds": 2}), tmp_path / "central")
+    assert summary["mode"] == "centralized" and summary["rounds"] == 2
+    assert len((tmp_path / "central" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _fedlens(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so the kill reaches Ray's children too
+        **kw,
+    )
+
+
+def test_killed_run_resumes_from_its_last_completed_round(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    sets = [f"--set={k}={v}" for k, v in {**TINY, "num-rounds": 3, "cache-dir": f'"{cache_dir}"'}.items()]
+    proc = _fedlens("simulate", "--out", str(out), *sets)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1:
+                if (out / "model.safetensors").is_file():
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + (proc.stdout.read() if proc.stdout else "")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    done = load_checkpoint(out / "model.safetensors").meta["round"]
+    assert 1 <= done < 3
+    resumed = _fedlens("simulate", "--resume", str(out))
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 3
+    assert f"resuming after round {done}" in output
+
+
+def test_cli_reports_bad_config_without_starting(tmp_path):
+    proc = _fedlens("simulate", "--out", str(tmp_path / "x"), "--set", "alpha=-1")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "alpha" in output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["simulate"], ["centralized"], ["config"]])
+def test_every_command_has_help(command):
+    proc = _fedlens(*command, "--help")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "usage: fedlens" in output
