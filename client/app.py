@@ -40,7 +40,11 @@ def _train(site: Site, msg: Message) -> Message:
     # A distinct, reproducible stream per (run seed, round, site).
     seed = zlib.crc32(f"{cfg.seed}/{_round(msg)}/{site.name}".encode())
     stats = site.task.train(
-        site.train, epochs=cfg.local_epochs, seed=seed, proximal_mu=float(config.get("proximal-mu", 0.0))
+        site.train,
+        epochs=cfg.local_epochs,
+        seed=seed,
+        lr=site.task.round_lr(_round(msg)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
     metrics = MetricRecord(
         {

@@ -9,6 +9,7 @@ local evaluation part, and the frozen part's outputs are cached when exact.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 
 from shared.config import FedConfig
-from shared.data import ImageSet, load_dataset, load_image_folder, stratified_split
-from shared.task import LocalData, Task
+from shared.data import ImageSet, load_dataset, load_image_folder
+from shared.task import LocalData, Task, local_split
 
 __all__ = ["Site", "load_site"]
 
@@ -36,7 +37,7 @@ class Site:
 def _pool(cfg_json: str) -> tuple[Task, ImageSet, LocalData]:
     # One Task per process and config: the frozen part is the same for every site and
     # the trainable part is overwritten by each message, so sites share it safely.
-    cfg = FedConfig.from_mapping(__import__("json").loads(cfg_json))
+    cfg = FedConfig.from_mapping(json.loads(cfg_json))
     train, _test = load_dataset(cfg)
     task = Task(cfg, train.num_classes)
     return task, train, task.prepare(train, for_training=True)
@@ -46,16 +47,9 @@ def _pool(cfg_json: str) -> tuple[Task, ImageSet, LocalData]:
 def _partition(cfg_json: str, site: int) -> np.ndarray:
     from simulations.partition import partition  # only simulated sites partition a pool
 
-    cfg = FedConfig.from_mapping(__import__("json").loads(cfg_json))
+    cfg = FedConfig.from_mapping(json.loads(cfg_json))
     _task, pool, _data = _pool(cfg_json)
     return partition(pool.labels.numpy(), cfg)[site]
-
-
-def _local_split(data: LocalData, labels: np.ndarray, fraction: float, seed: int) -> tuple[LocalData, LocalData]:
-    if fraction <= 0 or len(labels) < 2:
-        return data, data.subset(torch.arange(0))
-    rest, held = stratified_split(labels, fraction, seed=seed)
-    return data.subset(torch.as_tensor(rest)), data.subset(torch.as_tensor(held))
 
 
 def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
@@ -75,5 +69,5 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
         task = Task(cfg, images.num_classes)
         data = task.prepare(images, for_training=True)
         labels = images.labels.numpy()
-    train, held = _local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
+    train, held = local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
     return Site(name=name, task=task, train=train, eval=held)

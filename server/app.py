@@ -99,18 +99,21 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
             evaluate_fn=evaluate_fn,
         )
     records = run.records()
-    summary = _summary(cfg, task, records, guard, wall=previous_wall + time.monotonic() - started)
+    summary = _summary(cfg, task, records, wall=previous_wall + time.monotonic() - started)
     run.finish(summary)
     return summary
 
 
-def _summary(cfg: FedConfig, task: Task, records: list[dict[str, Any]], guard: SiteGuard, *, wall: float) -> dict[str, Any]:
+def _summary(cfg: FedConfig, task: Task, records: list[dict[str, Any]], *, wall: float) -> dict[str, Any]:
     last = records[-1]["server"] if records else {}
     sites = sorted({s for r in records for s in (*r["sites_train"], *r["failures"])})
     failures: dict[str, list[str]] = {}
     for r in records:
         for site, reason in r["failures"].items():
             failures.setdefault(site, []).append(f"round {r['round']}: {reason.strip().splitlines()[-1] if reason.strip() else reason}")
+    # What a site really sends: the trainable state as Flower serialises it.
+    sent = ArrayRecord(task.trainable_state()).count_bytes()
+    full = task.full_model_bytes()
     return {
         "final_accuracy": last.get("accuracy"),
         "final_macro_f1": last.get("macro_f1"),
@@ -121,9 +124,9 @@ def _summary(cfg: FedConfig, task: Task, records: list[dict[str, Any]], guard: S
         "sites": sites,
         "site_failures": failures,
         "wall_seconds": round(wall, 2),
-        "bytes_per_site_round": task.trainable_bytes(),
-        "full_model_bytes": task.full_model_bytes(),
-        "traffic_ratio": round(task.trainable_bytes() / task.full_model_bytes(), 4),
+        "bytes_per_site_round": sent,
+        "full_model_bytes": full,
+        "traffic_ratio": round(sent / full, 4),
         "backbone": cfg.backbone,
         "policy": cfg.policy,
         "strategy": cfg.strategy,

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from .config import FedConfig
-from .data import ImageSet, ImageTransform, cached_features, default_cache_dir, parse_augment
+from .data import ImageSet, ImageTransform, cached_features, default_cache_dir, parse_augment, stratified_split
 from .metrics import ClassificationReport, classification_report
 from .models import (
     FedModel,
@@ -27,7 +28,7 @@ from .models import (
     trainable_state_dict,
 )
 
-__all__ = ["Task", "LocalData", "TrainStats", "resolve_device"]
+__all__ = ["Task", "LocalData", "TrainStats", "resolve_device", "local_split"]
 
 _log = logging.getLogger(f"fedlens.{__name__}")
 
@@ -61,6 +62,14 @@ class LocalData:
 
     def subset(self, indices: torch.Tensor) -> "LocalData":
         return LocalData(self.inputs[indices], self.labels[indices], self.start, self.num_classes)
+
+
+def local_split(data: LocalData, labels: np.ndarray, fraction: float, *, seed: int) -> tuple[LocalData, LocalData]:
+    """Split a site's data into ``(train, evaluation)``, stratified by label."""
+    if fraction <= 0 or len(labels) < 2:
+        return data, data.subset(torch.arange(0))
+    rest, held = stratified_split(labels, fraction, seed=seed)
+    return data.subset(torch.as_tensor(rest)), data.subset(torch.as_tensor(held))
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,7 @@ class Task:
         *,
         epochs: int,
         seed: int,
+        lr: float | None = None,
         proximal_mu: float = 0.0,
     ) -> TrainStats:
         """Local SGD on the trainable part.
@@ -169,6 +179,8 @@ class Task:
             Passes over ``data``.
         seed : int
             Seeds shuffling and augmentation.
+        lr : float, optional
+            Learning rate for this call (default: the config's ``lr``).
         proximal_mu : float
             FedProx: pulls weights towards their value at the start of the call.
             Applied as a decoupled proximal step after each optimiser step, which
@@ -182,7 +194,8 @@ class Task:
         generator = torch.Generator().manual_seed(seed)
         params = [p for p in self.head.parameters() if p.requires_grad]
         anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        lr = cfg.lr if lr is None else lr
+        optimizer = self.make_optimizer(params, lr)
         train_mode(self.model, True)
         started = time.perf_counter()
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
@@ -201,13 +214,24 @@ class Task:
                 if anchor is not None:
                     with torch.no_grad():
                         for p, p0 in zip(params, anchor):
-                            p.sub_(cfg.lr * proximal_mu * (p - p0))
+                            p.sub_(lr * proximal_mu * (p - p0))
                 steps += 1
-                total_loss += float(loss) * len(idx)
+                total_loss += float(loss.detach()) * len(idx)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(idx)
         train_mode(self.model, False)
         return TrainStats(total_loss / seen, correct / seen, n, steps, time.perf_counter() - started)
+
+    def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """The configured site optimiser over ``params``."""
+        cfg = self.cfg
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def round_lr(self, round: int) -> float:
+        """The site learning rate in (1-based) federated round ``round``."""
+        return self.cfg.lr * self.cfg.lr_decay ** max(round - 1, 0)
 
     @torch.no_grad()
     def predict(self, data: LocalData, *, batch_size: int = 512) -> torch.Tensor:

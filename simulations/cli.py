@@ -124,7 +124,6 @@ def _setup_logging(verbose: bool) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-    logging.basicConfig(level=logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

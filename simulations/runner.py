@@ -44,6 +44,8 @@ def quiet_flower() -> None:
     """Keep Flower's per-message INFO logs off the terminal (warnings still show)."""
     for key, value in _FLOWER_ENV.items():
         os.environ.setdefault(key, value)
+    import flwr.simulation  # noqa: F401  (importing Flower resets its logger to DEBUG)
+
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.WARNING)
     for handler in flwr_logger.handlers:
@@ -140,7 +142,8 @@ def centralized(cfg: FedConfig, out: str | Path) -> dict[str, Any]:
     test_data = task.prepare(test, for_training=False)
     epochs = cfg.num_rounds * cfg.local_epochs
     for epoch in range(1, epochs + 1):
-        stats = task.train(train_data, epochs=1, seed=cfg.seed * 1000 + epoch)
+        rnd = (epoch - 1) // cfg.local_epochs + 1  # the federated round this pass matches
+        stats = task.train(train_data, epochs=1, seed=cfg.seed * 1000 + epoch, lr=task.round_lr(rnd))
         report = task.evaluate(test_data)
         elapsed = time.monotonic() - started
         run.record_round({"round": epoch, "elapsed_s": round(elapsed, 2), "server": report.to_dict(),
