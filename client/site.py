@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shared.config import FedConfig
+from shared.errors import ConfigError
 from shared.data import ImageSet, load_dataset, load_image_folder
 from shared.task import LocalData, Task, local_split
 
@@ -56,6 +57,12 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
     """The site described by Flower's ``node_config`` under ``cfg``."""
     if "partition-id" in node_config:
         site_id = int(node_config["partition-id"])  # type: ignore[arg-type]
+        total = int(node_config.get("num-partitions", cfg.num_sites))  # type: ignore[arg-type]
+        if total != cfg.num_sites:
+            raise ConfigError(
+                f"Flower runs {total} simulated sites but `num-sites` = {cfg.num_sites}; make them equal "
+                f'(flwr run . local --federation-config "num-supernodes={cfg.num_sites}")'
+            )
         key = cfg.to_json()
         task, pool, pool_data = _pool(key)
         idx = _partition(key, site_id)

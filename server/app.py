@@ -25,7 +25,7 @@ from shared.protocol import ROUND_OFFSET
 from shared.rundir import RunDir
 from shared.task import Task
 
-from .guard import AllSitesFailed, SiteGuard
+from .guard import AllSitesFailed, SiteGuard, last_line
 from .strategies import build_strategy
 
 __all__ = ["app", "build_server_app", "serve", "AllSitesFailed"]
@@ -65,6 +65,7 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
         task.load_trainable(arrays.to_torch_state_dict())
         report = task.evaluate(test_data)
         report_round = guard.current
+        failures = guard.round_failures()
         elapsed = previous_wall + time.monotonic() - started
         record = {
             "round": rnd,
@@ -74,12 +75,12 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
             "train": report_round.train_aggregate,
             "sites_train": report_round.train,
             "sites_eval": report_round.evaluate,
-            "failures": report_round.failures,
+            "failures": failures,
         }
         run.record_round(record)
         run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=rnd)
         ok = len(report_round.train)
-        sampled = ok + sum(1 for v in report_round.failures.values() if v.startswith("train"))
+        sampled = ok + sum(1 for v in failures.values() if v.startswith("train"))
         _log.info(
             "round %d/%d  accuracy %.4f  macro-F1 %.4f  loss %.4f  sites %d/%d ok  %.0fs",
             rnd, cfg.num_rounds, report.accuracy, report.macro_f1, report.loss, ok, sampled, elapsed,
@@ -110,7 +111,7 @@ def _summary(cfg: FedConfig, task: Task, records: list[dict[str, Any]], *, wall:
     failures: dict[str, list[str]] = {}
     for r in records:
         for site, reason in r["failures"].items():
-            failures.setdefault(site, []).append(f"round {r['round']}: {reason.strip().splitlines()[-1] if reason.strip() else reason}")
+            failures.setdefault(site, []).append(f"round {r['round']}: {last_line(reason)}")
     # What a site really sends: the trainable state as Flower serialises it.
     sent = ArrayRecord(task.trainable_state()).count_bytes()
     full = task.full_model_bytes()

@@ -21,6 +21,12 @@ __all__ = ["SiteGuard", "AllSitesFailed", "RoundReport"]
 _log = logging.getLogger("fedlens.server.guard")
 
 
+def last_line(text: str) -> str:
+    """The last non-empty line of an error report (a traceback ends with the error)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
+
+
 class AllSitesFailed(RuntimeError):
     """No site returned a usable update in a round."""
 
@@ -31,7 +37,7 @@ class RoundReport:
     def __init__(self) -> None:
         self.train: dict[str, dict[str, float]] = {}
         self.evaluate: dict[str, dict[str, float]] = {}
-        self.failures: dict[str, str] = {}
+        self.failed: dict[int, str] = {}  # node id -> reason; named once the node is known
         self.train_aggregate: dict[str, float] = {}
         self.evaluate_aggregate: dict[str, float] = {}
 
@@ -49,23 +55,28 @@ class SiteGuard(Strategy):
         self.inner = inner
         self.names: dict[int, str] = {}
         self.current = RoundReport()
-        self.failures_per_site: dict[str, int] = {}
 
     def _name(self, msg: Message) -> str:
         node = msg.metadata.src_node_id
         if msg.has_content() and SITE_RECORD in msg.content.config_records:
             self.names[node] = str(msg.content.config_records[SITE_RECORD]["name"])
+        return self.site_name(node)
+
+    def site_name(self, node: int) -> str:
+        """The name a node reported in any reply so far, else ``node-<id>``."""
         return self.names.get(node, f"node-{node}")
+
+    def round_failures(self) -> dict[str, str]:
+        """This round's failures by site name (names learnt from any later reply too)."""
+        return {self.site_name(node): reason for node, reason in self.current.failed.items()}
 
     def _split(self, replies: Iterable[Message], phase: str) -> list[Message]:
         replies = list(replies)
         for msg in replies:
             name = self._name(msg)
             if msg.has_error():
-                reason = f"{phase}: {msg.error.reason}"
-                self.current.failures[name] = reason
-                self.failures_per_site[name] = self.failures_per_site.get(name, 0) + 1
-                _log.warning("site %s failed in %s: %s", name, phase, msg.error.reason.strip().splitlines()[-1:] or "")
+                self.current.failed[msg.metadata.src_node_id] = f"{phase}: {msg.error.reason}"
+                _log.warning("site %s failed in %s: %s", name, phase, last_line(msg.error.reason))
             else:
                 metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
                 target = self.current.train if phase == "train" else self.current.evaluate
@@ -80,7 +91,7 @@ class SiteGuard(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self._split(replies, "train")
         if not any(not m.has_error() for m in replies):
-            reasons = "; ".join(f"{k}: {v.strip().splitlines()[-1] if v.strip() else v}" for k, v in self.current.failures.items())
+            reasons = "; ".join(f"{k}: {last_line(v)}" for k, v in self.round_failures().items())
             raise AllSitesFailed(
                 f"round {server_round}: none of the {len(replies)} sampled sites returned an update"
                 + (f" ({reasons})" if reasons else " (no site answered before the round timeout)")

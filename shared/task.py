@@ -122,13 +122,11 @@ class Task:
         return self.model.stages[self.cut :]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.cpu() for k, v in trainable_state_dict(self.model).items()}
+        """A copy (never a view) of the parameters that travel, on the CPU."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in trainable_state_dict(self.model).items()}
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable(self.model, state)
-
-    def trainable_bytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in trainable_state_dict(self.model).values())
 
     def full_model_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.model.state_dict().values())

@@ -77,9 +77,10 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
     if resume:
         run = RunDir(out)
         cfg = run.config()
-        done = run.prepare_resume()
-        if done >= cfg.num_rounds:
-            _log.info("run in %s already completed all %d rounds", out, cfg.num_rounds)
+        if run.status().get("status") == "finished":
+            _log.info("run in %s already finished all %d rounds; nothing to do", out, cfg.num_rounds)
+            return run.read_json("summary.json")
+        run.prepare_resume()
     else:
         run = RunDir.create(out, cfg)
     train, test = load_dataset(cfg)

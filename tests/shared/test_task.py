@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import torch
+
+from shared.config import FedConfig
+from shared.data import load_image_folder
+from shared.task import Task
+
+
+def _task(cache_dir, **kw):
+    values = {"image-size": 32, "policy": "last-1", "cache-dir": cache_dir, "batch-size": 8, **kw}
+    return Task(FedConfig.from_mapping(values), num_classes=3)
+
+
+def test_cached_features_give_the_same_predictions_as_raw_images(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    task = _task(cache_dir)
+    cached = task.prepare(images, for_training=True)
+    raw = _task(cache_dir, **{"feature-cache": False}).prepare(images, for_training=True)
+    assert cached.start == task.cut and raw.start == 0
+    assert torch.allclose(task.predict(cached), task.predict(raw), atol=1e-4)
+    # A second prepare reads the cache file instead of recomputing.
+    assert list((Path(cache_dir) / "features").glob("*.pt"))
+    assert torch.equal(task.prepare(images, for_training=True).inputs, cached.inputs)
+
+
+def test_augmentation_disables_the_cache_for_training_only(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    task = _task(cache_dir, augment="flip,color")
+    assert task.prepare(images, for_training=True).start == 0
+    assert task.prepare(images, for_training=False).start == task.cut
+
+
+def test_local_training_learns_a_separable_task(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    task = _task(cache_dir, lr=0.003)
+    data = task.prepare(images, for_training=True)
+    before = task.evaluate(data).loss
+    stats = task.train(data, epochs=15, seed=0)
+    after = task.evaluate(data)
+    assert stats.num_examples == 36 and stats.steps == 15 * 5
+    assert after.loss < before
+    assert after.accuracy > 0.6  # chance is 1/3
+
+
+def test_trainable_state_is_a_copy(cache_dir):
+    task = _task(cache_dir)
+    state = task.trainable_state()
+    with torch.no_grad():
+        for p in task.head.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert all(not torch.equal(state[k], v) for k, v in task.trainable_state().items())
+
+
+def test_proximal_step_keeps_weights_closer_to_the_start(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    distances = []
+    for mu in (0.0, 50.0):
+        task = _task(cache_dir, lr=0.003)
+        start = task.trainable_state()
+        task.train(task.prepare(images, for_training=True), epochs=3, seed=0, proximal_mu=mu)
+        end = task.trainable_state()
+        distances.append(sum(float((end[k] - start[k]).norm()) for k in start))
+    assert distances[1] < distances[0]
