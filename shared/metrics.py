@@ -36,8 +36,7 @@ class ClassificationReport:
         return {k: float(getattr(self, k)) for k in SCALAR_KEYS}
 
     def to_dict(self) -> dict[str, object]:
-        d = dict(self.__dict__)
-        return d
+        return dict(self.__dict__)
 
 
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ def plot_rounds(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir = Path(out_dir)
     written = []
@@ -25,6 +26,7 @@ def plot_rounds(records: list[dict[str, Any]], out_dir: str | Path) -> list[Path
         fed = [(r["round"], r["federated_eval"][key]) for r in records if r.get("federated_eval", {}).get(key) is not None]
         if fed:
             ax.plot(*zip(*fed), marker="s", linestyle="--", label="global model, site evaluation (weighted)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(key)
         ax.set_title(f"{title} per round")
