@@ -79,6 +79,25 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_privacy_show(args: argparse.Namespace) -> int:
+    import json
+
+    from shared.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger(args.state_dir)
+    if not ledger.path.is_file():
+        raise FedlensError(f"no privacy ledger in {args.state_dir} (expected {ledger.path.name}); is this a site state folder?")
+    entries = ledger.entries()
+    if args.json:
+        print(json.dumps(ledger.to_dict(), indent=2))
+        return 0
+    print(f"privacy ledger {ledger.path}")
+    print(f"{'run':<24} {'round':>5} {'sigma':>7} {'q':>8} {'steps':>6} {'epsilon':>8} {'delta':>8}  accountant")
+    for e in entries:
+        print(f"{e.run_id:<24} {e.round:>5} {e.noise_multiplier:>7.3f} {e.sample_rate:>8.5f} {e.steps:>6} {e.epsilon:>8.3f} {e.delta:>8.1e}  {e.accountant}")
+    return 0
+
+
 def _print_result(summary: dict[str, object], out: str | Path) -> None:
     acc, f1 = summary.get("final_accuracy"), summary.get("final_macro_f1")
     print(
@@ -114,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
     p.set_defaults(func=_cmd_config)
+    p = sub.add_parser("privacy", help="inspect a site's privacy ledger", description="Privacy ledger tools.")
+    privacy = p.add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
+    show = privacy.add_parser("show", help="print the epsilon a site has spent, round by round",
+                              description="Print a site's privacy ledger (one line per DP-SGD round).")  # fmt: skip
+    show.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the site's state folder")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=_cmd_privacy_show)
     return parser
 
 

@@ -121,7 +121,21 @@ def test_cli_reports_bad_config_without_starting(tmp_path):
     assert "alpha" in output and not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("command", [[], ["simulate"], ["centralized"], ["config"]])
+def test_privacy_show_prints_the_ledger(tmp_path):
+    from shared.privacy import PrivacyLedger
+
+    PrivacyLedger(tmp_path).record(run_id="run-7", round=1, noise_multiplier=1.2, sample_rate=0.02, steps=50, delta=1e-5)
+    proc = _fedlens("privacy", "show", str(tmp_path), "--json")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    entries = json.loads(output)["entries"]
+    assert entries[0]["run_id"] == "run-7" and entries[0]["epsilon"] > 0
+    missing = _fedlens("privacy", "show", str(tmp_path / "nope"))
+    output, _ = missing.communicate(timeout=120)
+    assert missing.returncode == 2 and "no privacy ledger" in output
+
+
+@pytest.mark.parametrize("command", [[], ["simulate"], ["centralized"], ["config"], ["privacy", "show"]])
 def test_every_command_has_help(command):
     proc = _fedlens(*command, "--help")
     output, _ = proc.communicate(timeout=120)

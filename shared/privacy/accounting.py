@@ -1,0 +1,73 @@
+"""Privacy accounting for DP-SGD: noise calibration and epsilon from a step history.
+
+A history is a list of ``(noise_multiplier, sample_rate, steps)`` tuples, one per
+stretch of training with fixed parameters (e.g. one round). Opacus' accountants
+compose it; carrying it across rounds is what makes the cumulative epsilon right
+(a fresh accountant per round would report one round's epsilon forever).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from ..errors import ConfigError
+
+__all__ = ["ACCOUNTANTS", "calibrate_noise", "epsilon_of", "check_privacy_params"]
+
+ACCOUNTANTS = ("rdp", "prv")
+
+History = Iterable[tuple[float, float, int]]
+
+
+def check_privacy_params(*, epsilon: float, delta: float, dataset_size: int | None = None) -> list[str]:
+    """Validate a privacy budget; return warnings for weak-but-legal choices.
+
+    Raises
+    ------
+    ConfigError
+        For epsilon <= 0 or delta outside (0, 1).
+    """
+    if not epsilon > 0:
+        raise ConfigError(f"epsilon must be > 0, got {epsilon}; typical budgets are 1 to 8")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}; use well below 1/n, e.g. 1e-5")
+    warnings = []
+    if dataset_size and delta >= 1.0 / dataset_size:
+        warnings.append(
+            f"delta = {delta:g} is not below 1/n = 1/{dataset_size}: the guarantee then allows "
+            f"leaking whole records; use delta < {1.0 / dataset_size:.1e}"
+        )
+    return warnings
+
+
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """Noise multiplier so that ``steps`` steps at ``sample_rate`` spend ``target_epsilon``.
+
+    Calibrate once for the whole planned run (rounds x local steps) and keep the
+    multiplier fixed: the run then ends just inside the target.
+    """
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise ConfigError(f"a private run needs at least one step, got {steps}")
+    check_privacy_params(epsilon=target_epsilon, delta=delta)
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+        )
+    )
+
+
+def epsilon_of(history: History, *, delta: float, accountant: str = "rdp") -> float:
+    """Cumulative epsilon of a training history (0 for an empty one)."""
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
+    steps = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    if not steps:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = steps
+    return float(acc.get_epsilon(delta))

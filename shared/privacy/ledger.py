@@ -1,0 +1,115 @@
+"""A site's privacy ledger: what each round spent, on disk, crash-safe.
+
+The ledger is the site's own record. It is written atomically (temporary file,
+fsync, rename) *before* the round's update leaves the site, so a crash or kill at
+any point can lose at most an update that was never sent — never spent epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import FedlensError
+from ..io import atomic_write_json
+from .accounting import epsilon_of
+
+__all__ = ["LedgerEntry", "PrivacyLedger", "LEDGER_FILE"]
+
+LEDGER_FILE = "privacy-ledger.json"
+_FORMAT = "fedlens-privacy-ledger-v1"
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round of DP-SGD at one site."""
+
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon: float  # cumulative for the run, after this round
+    delta: float
+    accountant: str
+    time: float
+
+
+class PrivacyLedger:
+    """The ledger file in ``state_dir``.
+
+    Parameters
+    ----------
+    state_dir : path-like
+        The site's state folder (created if missing).
+    """
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / LEDGER_FILE
+
+    def entries(self) -> list[LedgerEntry]:
+        """All recorded rounds, oldest first.
+
+        Raises
+        ------
+        FedlensError
+            If the file exists but is not a ledger: never silently start afresh, that
+            would reset spent epsilon.
+        """
+        if not self.path.is_file():
+            return []
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("format") != _FORMAT:
+                raise ValueError("unknown format")
+            return [LedgerEntry(**e) for e in data["entries"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FedlensError(
+                f"privacy ledger {self.path} is unreadable ({exc}). It records the epsilon this site "
+                "has spent, so fedlens will not train until it is restored from a backup or the "
+                "site's privacy officer decides to retire it."
+            ) from exc
+
+    def history(self, run_id: str) -> list[tuple[float, float, int]]:
+        """The ``(noise_multiplier, sample_rate, steps)`` history of one run."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries() if e.run_id == run_id]
+
+    def spent(self, run_id: str) -> float:
+        """Cumulative epsilon recorded for ``run_id`` (0 when none)."""
+        runs = [e for e in self.entries() if e.run_id == run_id]
+        return runs[-1].epsilon if runs else 0.0
+
+    def record(self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> LedgerEntry:
+        """Append one round, with the run's cumulative epsilon recomputed from its whole history.
+
+        Raises
+        ------
+        FedlensError
+            If the round is already recorded for this run (a replay would double count).
+        """
+        entries = self.entries()
+        if any(e.run_id == run_id and e.round == round for e in entries):
+            raise FedlensError(f"round {round} of run {run_id} is already in the privacy ledger {self.path}")
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.run_id == run_id]
+        history.append((noise_multiplier, sample_rate, steps))
+        entry = LedgerEntry(
+            run_id=run_id,
+            round=round,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
+            epsilon=epsilon_of(history, delta=delta, accountant=accountant),
+            delta=delta,
+            accountant=accountant,
+            time=time.time(),
+        )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, {"format": _FORMAT, "entries": [asdict(e) for e in (*entries, entry)]})
+        return entry
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "entries": [asdict(e) for e in self.entries()]}

@@ -1,0 +1,94 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shared.errors import ConfigError, FedlensError
+from shared.privacy import PrivacyLedger, calibrate_noise, check_privacy_params, epsilon_of
+
+Q, STEPS_PER_ROUND, ROUNDS, DELTA = 0.01, 100, 5, 1e-5
+
+
+@pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
+def test_noise_calibrated_once_ends_just_inside_the_target(target):
+    sigma = calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=Q, steps=ROUNDS * STEPS_PER_ROUND)
+    spent = epsilon_of([(sigma, Q, STEPS_PER_ROUND)] * ROUNDS, delta=DELTA)
+    assert 0.9 * target <= spent <= target
+
+
+def test_history_composes_like_one_long_run():
+    sigma = 1.1
+    per_round = [(sigma, Q, STEPS_PER_ROUND)] * 3
+    assert epsilon_of(per_round, delta=DELTA) == pytest.approx(epsilon_of([(sigma, Q, 3 * STEPS_PER_ROUND)], delta=DELTA))
+    assert epsilon_of(per_round, delta=DELTA) > epsilon_of(per_round[:1], delta=DELTA)
+    assert epsilon_of([], delta=DELTA) == 0.0
+
+
+def test_second_accountant_agrees_within_known_slack():
+    history = [(1.0, Q, STEPS_PER_ROUND)] * ROUNDS
+    rdp, prv = epsilon_of(history, delta=DELTA, accountant="rdp"), epsilon_of(history, delta=DELTA, accountant="prv")
+    # RDP is an upper bound; PRV is near-tight. They differ by tens of percent, not more.
+    assert prv <= rdp <= 1.5 * prv
+
+
+def test_budget_parameters_are_checked():
+    with pytest.raises(ConfigError, match="epsilon"):
+        check_privacy_params(epsilon=0.0, delta=DELTA)
+    with pytest.raises(ConfigError, match="delta"):
+        check_privacy_params(epsilon=1.0, delta=1.0)
+    assert check_privacy_params(epsilon=1.0, delta=1e-3, dataset_size=5000)  # delta >= 1/n warns
+    assert not check_privacy_params(epsilon=1.0, delta=1e-5, dataset_size=5000)
+
+
+def test_ledger_survives_reopening_and_refuses_replays(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "state")
+    first = ledger.record(run_id="r1", round=1, noise_multiplier=1.0, sample_rate=Q, steps=STEPS_PER_ROUND, delta=DELTA)
+    second = ledger.record(run_id="r1", round=2, noise_multiplier=1.0, sample_rate=Q, steps=STEPS_PER_ROUND, delta=DELTA)
+    assert second.epsilon > first.epsilon
+    reopened = PrivacyLedger(tmp_path / "state")
+    assert reopened.spent("r1") == second.epsilon and reopened.spent("other") == 0.0
+    assert reopened.history("r1") == [(1.0, Q, STEPS_PER_ROUND)] * 2
+    with pytest.raises(FedlensError, match="already"):
+        reopened.record(run_id="r1", round=2, noise_multiplier=1.0, sample_rate=Q, steps=1, delta=DELTA)
+    assert not list((tmp_path / "state").glob("*.tmp"))
+
+
+def test_corrupt_ledger_is_an_error_not_a_fresh_start(tmp_path):
+    ledger = PrivacyLedger(tmp_path)
+    ledger.path.write_text("{not json")
+    with pytest.raises(FedlensError, match="unreadable"):
+        ledger.spent("r1")
+
+
+_WRITER = """
+import sys
+from shared.privacy import PrivacyLedger
+ledger = PrivacyLedger(sys.argv[1])
+for r in range(1, 100000):
+    ledger.record(run_id="r", round=r, noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=1e-5)
+    print(r, flush=True)
+"""
+
+
+def test_killing_the_writer_never_loses_or_corrupts_spent_epsilon(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        reported = 0
+        deadline = time.monotonic() + 120
+        while reported < 15 and time.monotonic() < deadline:
+            reported = int(proc.stdout.readline() or reported)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    entries = PrivacyLedger(tmp_path).entries()  # parses: never half-written
+    rounds = [e.round for e in entries]
+    assert rounds == list(range(1, len(rounds) + 1))
+    assert len(rounds) >= reported >= 15  # everything reported as written is there
+    assert entries[-1].epsilon == pytest.approx(epsilon_of([(1.0, 0.01, 10)] * len(rounds), delta=1e-5))
+    assert json.loads(PrivacyLedger(tmp_path).path.read_text())["format"].startswith("fedlens")
