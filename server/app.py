@@ -133,6 +133,8 @@ def _summary(cfg: FedConfig, task: Task, records: list[dict[str, Any]], *, wall:
         "strategy": cfg.strategy,
         "dataset": cfg.dataset,
         "mode": "federated",
+        # Sites train without DP-SGD so far: say so in every summary.
+        "private": False,
     }
 
 

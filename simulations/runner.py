@@ -89,6 +89,7 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
     run.write_json("partitions.json", {"partition": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
                                        "classes": list(train.classes), "class_counts": {f"site-{i}": c for i, c in enumerate(counts)}})  # fmt: skip
     _log_partitions(cfg, counts, train.classes)
+    _log.warning("this run is NOT differentially private: sites train without DP-SGD")
     prep = time.monotonic()
     task = Task(cfg, train.num_classes)
     task.prepare(train, for_training=True)  # warms the on-disk feature cache once for all sites
