@@ -53,6 +53,14 @@ def _partition(cfg_json: str, site: int) -> np.ndarray:
     return partition(pool.labels.numpy(), cfg)[site]
 
 
+@functools.lru_cache(maxsize=4)
+def _folder(cfg_json: str, data_path: str, name: str) -> tuple[Task, LocalData, np.ndarray]:
+    cfg = FedConfig.from_mapping(json.loads(cfg_json))
+    images, _report = load_image_folder(data_path, image_size=cfg.image_size, name=name)
+    task = Task(cfg, images.num_classes)
+    return task, task.prepare(images, for_training=True), images.labels.numpy()
+
+
 def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
     """The site described by Flower's ``node_config`` under ``cfg``."""
     if "partition-id" in node_config:
@@ -72,9 +80,6 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
     else:
         data_path = str(node_config.get("data-path") or cfg.data_path)
         name = str(node_config.get("site-name") or "site")
-        images, _report = load_image_folder(data_path, image_size=cfg.image_size, name=name)
-        task = Task(cfg, images.num_classes)
-        data = task.prepare(images, for_training=True)
-        labels = images.labels.numpy()
+        task, data, labels = _folder(cfg.to_json(), data_path, name)
     train, held = local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
     return Site(name=name, task=task, train=train, eval=held)

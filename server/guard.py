@@ -55,6 +55,7 @@ class SiteGuard(Strategy):
         self.inner = inner
         self.names: dict[int, str] = {}
         self.current = RoundReport()
+        self._sent: list[int] = []
 
     def _name(self, msg: Message) -> str:
         node = msg.metadata.src_node_id
@@ -86,15 +87,21 @@ class SiteGuard(Strategy):
     # ---- Strategy interface ------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.current = RoundReport()
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._sent = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self._split(replies, "train")
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in self._sent:
+            if node not in answered:
+                self.current.failed[node] = "train: no reply within round-timeout (site down or too slow)"
         if not any(not m.has_error() for m in replies):
             reasons = "; ".join(f"{k}: {last_line(v)}" for k, v in self.round_failures().items())
             raise AllSitesFailed(
-                f"round {server_round}: none of the {len(replies)} sampled sites returned an update"
-                + (f" ({reasons})" if reasons else " (no site answered before the round timeout)")
+                f"round {server_round}: none of the {len(self._sent)} sampled sites returned an update"
+                + (f" ({reasons})" if reasons else "")
             )
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None:

@@ -12,10 +12,12 @@ __all__ = ["build_strategy", "STRATEGIES"]
 
 
 def _sampling(cfg: FedConfig) -> dict[str, object]:
-    min_eval = cfg.min_sites if cfg.fraction_evaluate > 0 else 0
+    # Sites keep no evaluation images when site-eval-fraction = 0: skip site evaluation.
+    fraction_evaluate = cfg.fraction_evaluate if cfg.site_eval_fraction > 0 else 0.0
+    min_eval = cfg.min_sites if fraction_evaluate > 0 else 0
     return {
         "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
+        "fraction_evaluate": fraction_evaluate,
         "min_train_nodes": cfg.min_sites,
         "min_evaluate_nodes": min_eval,
         "min_available_nodes": cfg.min_sites,

@@ -8,12 +8,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 
 from .errors import CheckpointError
 from .io import atomic_write_bytes
 
-__all__ = ["save_checkpoint", "load_checkpoint", "Checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "Checkpoint"]
 
 _FORMAT = "fedlens-model-v1"
 
@@ -57,11 +58,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist")
     try:
-        state = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"{path} is not a safetensors model ({exc}). fedlens only loads safetensors files, "
@@ -71,3 +70,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} is a safetensors file but not a fedlens model (no '{_FORMAT}' header)")
     meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
     return Checkpoint(state=state, meta=meta)
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """Only the metadata of a checkpoint (no tensors are read)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors model ({exc})") from exc
+    if header.get("format") != _FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a fedlens model (no '{_FORMAT}' header)")
+    return {k: json.loads(v) for k, v in header.items() if k != "format"}

@@ -62,7 +62,7 @@ class FedConfig:
     # --- model ----------------------------------------------------------------
     backbone: str = _opt("efficientnet-lite0", "registered backbone name")
     pretrained: bool = _opt(True, "start from ImageNet weights (false = random, logged loudly)")
-    weights_path: str = _opt("", "local weights file instead of the backbone's default source")
+    weights_path: str = _opt("", "local weights file instead of the backbone's default source (for efficientnet-lite0: a copy of the published checkpoint, hash-checked)")
     # last-1 = Lite0's 1x1 head convolution + classifier: 1/8 of the model's bytes
     # travel, it is cheap under DP-SGD, and it beats a linear probe by ~4 points.
     policy: str = _opt("last-1", "fine-tune policy: head, last-N or full")

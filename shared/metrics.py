@@ -36,7 +36,16 @@ class ClassificationReport:
         return {k: float(getattr(self, k)) for k in SCALAR_KEYS}
 
     def to_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        """JSON-ready: undefined values (AUC of an absent class) become ``None``."""
+
+        def clean(v: object) -> object:
+            if isinstance(v, float) and v != v:
+                return None
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return {k: clean(v) for k, v in self.__dict__.items()}
 
 
 def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:

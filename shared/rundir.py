@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint_meta, save_checkpoint
 from .config import FedConfig, load_config
 from .errors import ConfigError
 from .io import append_jsonl, atomic_write_json, atomic_write_text
@@ -68,7 +68,7 @@ class RunDir:
         """Rounds whose global model is safely on disk (0 when none)."""
         if not (self.path / MODEL_FILE).is_file():
             return 0
-        return int(load_checkpoint(self.path / MODEL_FILE).meta.get("round", 0))
+        return int(read_checkpoint_meta(self.path / MODEL_FILE).get("round", 0))
 
     def prepare_resume(self) -> int:
         """Drop metric lines past the last checkpoint; return the completed rounds."""

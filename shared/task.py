@@ -24,6 +24,7 @@ from .models import (
     get_backbone,
     load_trainable,
     parse_policy,
+    sha256_of,
     train_mode,
     trainable_state_dict,
 )
@@ -112,7 +113,7 @@ class Task:
             self.model.to(memory_format=torch.channels_last)
         self.augment = parse_augment(cfg.augment)
         self.transform = ImageTransform(image_size=cfg.image_size, preprocessing=spec.preprocessing, augment=self.augment)
-        weights = cfg.weights_path or "default-weights"
+        weights = sha256_of(cfg.weights_path) if cfg.weights_path else "default-weights"
         self.model_id = f"{cfg.backbone}|{weights if cfg.pretrained else f'random-seed-{cfg.seed}'}"
 
     # ---- parameters that travel ---------------------------------------------
@@ -194,7 +195,8 @@ class Task:
         anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
         lr = cfg.lr if lr is None else lr
         optimizer = self.make_optimizer(params, lr)
-        train_mode(self.model, True)
+        train_mode(self.model, False)
+        train_mode(self.head, True)  # frozen stages stay in eval mode, as when cached
         started = time.perf_counter()
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
         n = len(data)

@@ -109,7 +109,7 @@ def _print_result(summary: dict[str, object], out: str | Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlens",
-        description="Federated, differentially private fine-tuning of pretrained CNNs with explainability reports.",
+        description="Federated fine-tuning of ImageNet-pretrained CNNs across sites that keep their images.",
         epilog="Config keys: run `fedlens config --keys`.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (including Flower's)")

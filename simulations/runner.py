@@ -81,10 +81,10 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
             _log.info("run in %s already finished all %d rounds; nothing to do", out, cfg.num_rounds)
             return run.read_json("summary.json")
         run.prepare_resume()
-    else:
-        run = RunDir.create(out, cfg)
     train, test = load_dataset(cfg)
     sites = partition(train.labels.numpy(), cfg)
+    if not resume:
+        run = RunDir.create(out, cfg)  # only once data and partition are known to be valid
     counts = class_counts(train.labels.numpy(), sites, train.num_classes)
     run.write_json("partitions.json", {"partition": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
                                        "classes": list(train.classes), "class_counts": {f"site-{i}": c for i, c in enumerate(counts)}})  # fmt: skip
@@ -124,9 +124,7 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
     if status.get("status") != "finished":
         run.set_status("failed", reason="the server app ended without finishing the run")
         raise SimulationFailed(f"the federated run ended without finishing; see {run.path}")
-    summary = run.read_json("summary.json")
-    summary["wall_seconds"] = round(summary["wall_seconds"], 2)
-    return summary
+    return run.read_json("summary.json")
 
 
 def centralized(cfg: FedConfig, out: str | Path) -> dict[str, Any]:
@@ -137,8 +135,8 @@ def centralized(cfg: FedConfig, out: str | Path) -> dict[str, Any]:
     held-out test set after each pass.
     """
     started = time.monotonic()
-    run = RunDir.create(out, cfg)
     train, test = load_dataset(cfg)
+    run = RunDir.create(out, cfg)
     task = Task(cfg, train.num_classes)
     train_data = task.prepare(train, for_training=True)
     test_data = task.prepare(test, for_training=False)

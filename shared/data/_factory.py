@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
 from ..config import FedConfig
 from ..errors import DataError
 from ._imageset import ImageSet
-from ._sources import default_download_root, load_fashion_mnist, load_image_folder, load_npz
+from ._sources import load_fashion_mnist, load_image_folder, load_npz
+from .features import default_cache_dir
 
 __all__ = ["load_dataset", "stratified_split", "stratified_cap"]
 
@@ -53,7 +55,8 @@ def load_dataset(cfg: FedConfig) -> tuple[ImageSet, ImageSet]:
         When the data cannot be found or read.
     """
     if cfg.dataset == "fashion-mnist":
-        train, test = load_fashion_mnist(cfg.data_path or None, download_root=default_download_root())
+        download_root = Path(cfg.cache_dir or default_cache_dir()) / "data"
+        train, test = load_fashion_mnist(cfg.data_path or None, download_root=str(download_root))
     else:
         if cfg.dataset == "folder":
             pool, _report = load_image_folder(cfg.data_path, image_size=cfg.image_size)

@@ -122,7 +122,7 @@ def load_fashion_mnist(data_path: str | None = None, *, download_root: str | Non
         If the files are nowhere and cannot be downloaded.
     """
     folders = [Path(data_path)] if data_path else [Path(d) for d in FASHION_MNIST_DIRS]
-    if download_root:
+    if download_root and not data_path:
         folders.append(Path(download_root))
     for folder in folders:
         stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -219,9 +219,3 @@ def load_npz(path: str | Path) -> ImageSet:
     if y_all.max() >= len(classes):
         raise DataError(f"{path}: label {int(y_all.max())} but only {len(classes)} class names")
     return ImageSet(torch.from_numpy(np.ascontiguousarray(np.concatenate(images))), torch.from_numpy(y_all), classes, path.stem)
-
-
-def default_download_root() -> str:
-    """Where downloaded data sets go: ``$XDG_CACHE_HOME/fedlens/data``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "fedlens", "data")

@@ -8,15 +8,16 @@ instead of every epoch is exact and removes most of the training cost.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ..io import atomic_write_bytes
 from ..models import FedModel
 from ._imageset import ImageSet
 from .transforms import ImageTransform
@@ -95,11 +96,7 @@ def cached_features(
             _log.warning("ignoring unreadable feature cache %s (%s)", path, exc)
     feats = compute_features(model, stop, images, transform, device=device)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(feats, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    torch.save(feats, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return feats

@@ -140,3 +140,12 @@ def test_every_command_has_help(command):
     proc = _fedlens(*command, "--help")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "usage: fedlens" in output
+
+
+def test_invalid_partition_fails_before_creating_the_run_folder(tmp_path, cache_dir):
+    from shared.errors import ConfigError
+
+    cfg = _cfg(cache_dir, **{"max-train-images": 30, "num-sites": 20, "min-sites": 2})
+    with pytest.raises(ConfigError, match="at least 40 training images"):
+        simulate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
