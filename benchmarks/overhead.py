@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import zlib
 from pathlib import Path
 
 import torch
 from _common import config, parser, result, setup_logging
 
 from shared.data import load_dataset
-from shared.task import Task, local_split
+from shared.task import Task, local_split, site_seed
 from simulations.partition import partition
 from simulations.runner import simulate
 
@@ -42,8 +41,7 @@ def plain_run(cfg) -> tuple[float, float]:
         updates, weights = [], []
         for name, site_train, _site_eval in sites:
             task.load_trainable(state)
-            seed = zlib.crc32(f"{cfg.seed}/{rnd}/{name}".encode())
-            task.train(site_train, epochs=cfg.local_epochs, seed=seed, lr=task.round_lr(rnd))
+            task.train(site_train, epochs=cfg.local_epochs, seed=site_seed(cfg.seed, rnd, name), lr=task.round_lr(rnd))
             updates.append(task.trainable_state())
             weights.append(len(site_train))
         total = sum(weights)

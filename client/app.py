@@ -7,13 +7,13 @@ core and packs the reply. The trainable parameters are the only arrays exchanged
 from __future__ import annotations
 
 import os
-import zlib
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from shared.config import FedConfig
 from shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, SITE_RECORD
+from shared.task import site_seed
 
 from .site import Site, load_site
 
@@ -37,8 +37,7 @@ def _train(site: Site, msg: Message) -> Message:
     cfg = site.task.cfg
     site.task.load_trainable(msg.content["arrays"].to_torch_state_dict())
     config = msg.content.config_records.get("config", ConfigRecord())
-    # A distinct, reproducible stream per (run seed, round, site).
-    seed = zlib.crc32(f"{cfg.seed}/{_round(msg)}/{site.name}".encode())
+    seed = site_seed(cfg.seed, _round(msg), site.name)
     stats = site.task.train(
         site.train,
         epochs=cfg.local_epochs,

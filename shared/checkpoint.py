@@ -42,16 +42,7 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], **meta: An
     atomic_write_bytes(path, save(tensors, metadata=header))
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`.
-
-    Only safetensors are read: other formats could execute code when unpickled.
-
-    Raises
-    ------
-    CheckpointError
-        If the file is missing, not safetensors, or not a fedlens model.
-    """
+def _read(path: str | Path, *, tensors: bool) -> Checkpoint:
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -60,7 +51,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
+            state = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"{path} is not a safetensors model ({exc}). fedlens only loads safetensors files, "
@@ -72,14 +63,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(state=state, meta=meta)
 
 
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint` (a file, or a run folder).
+
+    Only safetensors are read: other formats could execute code when unpickled.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, not safetensors, or not a fedlens model.
+    """
+    return _read(path, tensors=True)
+
+
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """Only the metadata of a checkpoint (no tensors are read)."""
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a safetensors model ({exc})") from exc
-    if header.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a fedlens model (no '{_FORMAT}' header)")
-    return {k: json.loads(v) for k, v in header.items() if k != "format"}
+    """Only the metadata of a checkpoint (no tensors are read); errors as :func:`load_checkpoint`."""
+    return _read(path, tensors=False).meta

@@ -8,6 +8,7 @@ trainable part ever needs to travel.
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,7 @@ from .models import (
     trainable_state_dict,
 )
 
-__all__ = ["Task", "LocalData", "TrainStats", "resolve_device", "local_split"]
+__all__ = ["Task", "LocalData", "TrainStats", "resolve_device", "local_split", "site_seed"]
 
 _log = logging.getLogger(f"fedlens.{__name__}")
 
@@ -63,6 +64,11 @@ class LocalData:
 
     def subset(self, indices: torch.Tensor) -> "LocalData":
         return LocalData(self.inputs[indices], self.labels[indices], self.start, self.num_classes)
+
+
+def site_seed(run_seed: int, round: int, site: str) -> int:
+    """A distinct, reproducible random stream per (run seed, round, site)."""
+    return zlib.crc32(f"{run_seed}/{round}/{site}".encode())
 
 
 def local_split(data: LocalData, labels: np.ndarray, fraction: float, *, seed: int) -> tuple[LocalData, LocalData]:
