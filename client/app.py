@@ -7,15 +7,19 @@ core and packs the reply. The trainable parameters are the only arrays exchanged
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from shared.config import FedConfig
-from shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, SITE_RECORD
+from shared.privacy import BudgetExceeded, DPRequest, plan_round
+from shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
 from shared.task import site_seed
 
-from .site import Site, load_site
+from .site import Site, load_site, site_privacy
 
 __all__ = ["app", "build_client_app"]
 
@@ -31,30 +35,61 @@ def _round(msg: Message) -> int:
 FAULT_ENV = "FEDLENS_INJECT_FAULT"
 
 
-def _train(site: Site, msg: Message) -> Message:
+def _train(site: Site, msg: Message, node_config: dict[str, object], state_root: Path | None) -> Message:
     if site.name in os.environ.get(FAULT_ENV, "").split(","):
         raise RuntimeError(f"injected fault at {site.name} ({FAULT_ENV})")
     cfg = site.task.cfg
-    site.task.load_trainable(msg.content["arrays"].to_torch_state_dict())
     config = msg.content.config_records.get("config", ConfigRecord())
-    seed = site_seed(cfg.seed, _round(msg), site.name)
+    rnd = _round(msg)
+    run_id = str(config.get(RUN_ID, msg.metadata.run_id))
+    plan, ledger = None, None
+    if cfg.dp:
+        budget, ledger = site_privacy(site, node_config, state_root=state_root)
+        # Decide before training: a refused round spends nothing.
+        plan = plan_round(ledger, budget, DPRequest.from_config(cfg, run_id), num_examples=len(site.train), site=site.name)
+    elif not site.simulated and not site_privacy(site, node_config, state_root=state_root)[0].allow_non_private:
+        raise BudgetExceeded(
+            f"{site.name} refuses to train without differential privacy (the run has dp = false); "
+            "only a site started with allow-non-private=true joins non-private runs"
+        )
+    site.task.load_trainable(msg.content["arrays"].to_torch_state_dict())
     stats = site.task.train(
         site.train,
         epochs=cfg.local_epochs,
-        seed=seed,
-        lr=site.task.round_lr(_round(msg)),
+        seed=site_seed(cfg.seed, rnd, site.name),
+        lr=site.task.round_lr(rnd),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        dp=plan.dp if plan else None,
     )
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: stats.num_examples,
-            "train-loss": stats.loss,
-            "train-accuracy": stats.accuracy,
-            "train-seconds": stats.seconds,
-        }
-    )
+    metrics: dict[str, float | int] = {
+        NUM_EXAMPLES: stats.num_examples,
+        "train-loss": stats.loss,
+        "train-accuracy": stats.accuracy,
+        "train-seconds": stats.seconds,
+        "dp": int(plan is not None),
+        UNIT_WEIGHT: 1,
+    }
+    if plan is not None and ledger is not None:
+        # The ledger is on disk before the update leaves the site.
+        entry = ledger.record(
+            run_id=run_id, round=rnd, noise_multiplier=plan.dp.noise_multiplier, sample_rate=plan.dp.sample_rate,
+            steps=plan.steps, delta=plan.delta, accountant=plan.accountant,
+        )  # fmt: skip
+        metrics.update(
+            {
+                "epsilon": entry.epsilon,
+                "delta": entry.delta,
+                "noise-multiplier": entry.noise_multiplier,
+                "sample-rate": entry.sample_rate,
+                "dp-steps": ledger.steps(run_id),
+            }
+        )
     content = RecordDict(
-        {"arrays": ArrayRecord(site.task.trainable_state()), "metrics": metrics, SITE_RECORD: ConfigRecord({"name": site.name})}
+        {
+            "arrays": ArrayRecord(site.task.trainable_state()),
+            "metrics": MetricRecord(metrics),
+            SITE_RECORD: ConfigRecord({"name": site.name, "accountant": plan.accountant if plan else "none"}),
+        }
     )
     return Message(content=content, reply_to=msg)
 
@@ -70,16 +105,38 @@ def _evaluate(site: Site, msg: Message) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def build_client_app(cfg: FedConfig | None = None) -> ClientApp:
-    """A ClientApp; with ``cfg`` it ignores Flower's run config (local simulation)."""
+def build_client_app(cfg: FedConfig | None = None, *, state_root: str | Path | None = None) -> ClientApp:
+    """A ClientApp; with ``cfg`` it ignores Flower's run config (local simulation).
+
+    Parameters
+    ----------
+    cfg : FedConfig, optional
+        Fixed config (the simulation runner); ``None`` reads Flower's run config.
+    state_root : path-like, optional
+        Simulation: simulated sites keep their privacy ledgers in
+        ``state_root/<site>``. Default: the run folder's ``sites/`` (``out-dir``).
+    """
     app = ClientApp()
 
     def site_for(context: Context) -> Site:
         return load_site(cfg or FedConfig.from_run_config(context.run_config), dict(context.node_config))
 
+    def root_for(context: Context) -> Path | None:
+        if state_root is not None:
+            return Path(state_root)
+        if "out-dir" in context.run_config:  # flwr run: the ServerApp's run folder
+            return Path(str(context.run_config["out-dir"])) / str(context.run_id) / "sites"
+        return None
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return _train(site_for(context), msg)
+        def inner(msg: Message, context: Context) -> Message:
+            return _train(site_for(context), msg, dict(context.node_config), root_for(context))
+
+        config = msg.content.config_records.get("config", ConfigRecord())
+        if KEY_CLIPPING_NORM in config:  # central DP with site-side clipping
+            return fixedclipping_mod(msg, context, inner)
+        return inner(msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -12,16 +12,18 @@ import functools
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from shared.config import FedConfig
+from shared.config import FedConfig, parse_site_budgets
 from shared.errors import ConfigError
+from shared.privacy import PrivacyLedger, SiteBudget
 from shared.data import ImageSet, load_dataset, load_image_folder
 from shared.task import LocalData, Task, local_split
 
-__all__ = ["Site", "load_site"]
+__all__ = ["Site", "load_site", "site_privacy"]
 
 _log = logging.getLogger("fedlens.client.site")
 
@@ -32,6 +34,7 @@ class Site:
     task: Task
     train: LocalData
     eval: LocalData
+    simulated: bool
 
 
 @functools.lru_cache(maxsize=2)
@@ -82,4 +85,33 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
         name = str(node_config.get("site-name") or "site")
         task, data, labels = _folder(cfg.to_json(), data_path, name)
     train, held = local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
-    return Site(name=name, task=task, train=train, eval=held)
+    return Site(name=name, task=task, train=train, eval=held, simulated="partition-id" in node_config)
+
+
+def site_privacy(site: Site, node_config: dict[str, object], *, state_root: Path | None) -> tuple[SiteBudget, PrivacyLedger]:
+    """The site's own budget and its ledger.
+
+    A deployed site reads both from its node config (``max-epsilon``, ``delta``,
+    ``allow-non-private``, ``state-dir``): the server's run config cannot change
+    them. A simulated site takes ``site-budgets`` / ``site-max-epsilon`` (default
+    ``target-epsilon``) and keeps its ledger under ``state_root``.
+
+    Raises
+    ------
+    ConfigError
+        For a deployed site without ``max-epsilon`` or ``state-dir``.
+    """
+    cfg = site.task.cfg
+    if site.simulated:
+        max_epsilon = parse_site_budgets(cfg.site_budgets).get(site.name, cfg.site_max_epsilon or cfg.target_epsilon)
+        budget = SiteBudget(max_epsilon=max_epsilon, delta=cfg.delta, allow_non_private=True)
+        state = node_config.get("state-dir") or (state_root / site.name if state_root else None)
+    else:
+        budget = SiteBudget.from_node_config(node_config)
+        state = node_config.get("state-dir")
+    if not state:
+        raise ConfigError(
+            f"{site.name} has no state directory for its privacy ledger: set `state-dir` in its node config "
+            "(the ledger must outlive the process, or spent epsilon would be forgotten)"
+        )
+    return budget, PrivacyLedger(Path(str(state)))

@@ -17,18 +17,20 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from shared.checkpoint import load_checkpoint
 from shared.config import FedConfig
 from shared.data import load_dataset
-from shared.protocol import ROUND_OFFSET
+from shared.protocol import ROUND_OFFSET, RUN_ID
 from shared.rundir import RunDir
 from shared.task import Task
 
-from .guard import AllSitesFailed, SiteGuard, last_line
+from .central_dp import central_summary
+from .guard import AllSitesFailed, RunStopped, SiteGuard, last_line
 from .strategies import build_strategy
 
-__all__ = ["app", "build_server_app", "serve", "AllSitesFailed"]
+__all__ = ["app", "build_server_app", "serve", "privacy_summary", "AllSitesFailed"]
 
 _log = logging.getLogger("fedlens.server")
 
@@ -56,7 +58,8 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
         task.model.load_state_dict(load_checkpoint(run.path).state)
         _log.info("resuming after round %d of %d", done, cfg.num_rounds)
     test_data = task.prepare(test, for_training=False)
-    guard = SiteGuard(build_strategy(cfg))
+    strategy = build_strategy(cfg, rounds_done=done)
+    guard = SiteGuard(strategy)
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if local_round == 0:
@@ -67,6 +70,8 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
         report_round = guard.current
         failures = guard.round_failures()
         elapsed = previous_wall + time.monotonic() - started
+        epsilons = {site: m["epsilon"] for site, m in report_round.train.items() if "epsilon" in m}
+        central = central_summary(strategy, cfg)
         record = {
             "round": rnd,
             "elapsed_s": round(elapsed, 2),
@@ -76,32 +81,47 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
             "sites_train": report_round.train,
             "sites_eval": report_round.evaluate,
             "failures": failures,
+            "privacy": {"site_epsilon": epsilons, **({"central_epsilon": central["epsilon"]} if central else {})},
         }
         run.record_round(record)
         run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=rnd)
         ok = len(report_round.train)
         sampled = ok + sum(1 for v in failures.values() if v.startswith("train"))
+        privacy = f"  max site ε {max(epsilons.values()):.2f}" if epsilons else "  NOT private"
+        if central:
+            privacy += f"  central ε {central['epsilon']:.2f}"
         _log.info(
-            "round %d/%d  accuracy %.4f  macro-F1 %.4f  loss %.4f  sites %d/%d ok  %.0fs",
-            rnd, cfg.num_rounds, report.accuracy, report.macro_f1, report.loss, ok, sampled, elapsed,
+            "round %d/%d  accuracy %.4f  macro-F1 %.4f  loss %.4f  sites %d/%d ok%s  %.0fs",
+            rnd, cfg.num_rounds, report.accuracy, report.macro_f1, report.loss, ok, sampled, privacy, elapsed,
         )  # fmt: skip
         return MetricRecord(report.scalars())
 
     remaining = cfg.num_rounds - done
+    stopped = None
     if remaining > 0:
-        offset = ConfigRecord({ROUND_OFFSET: done})
-        guard.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(task.trainable_state()),
-            num_rounds=remaining,
-            timeout=cfg.round_timeout,
-            train_config=ConfigRecord(dict(offset)),
-            evaluate_config=ConfigRecord(dict(offset)),
-            evaluate_fn=evaluate_fn,
-        )
+        offset = {ROUND_OFFSET: done, RUN_ID: run.run_id}
+        try:
+            guard.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(task.trainable_state()),
+                num_rounds=remaining,
+                timeout=cfg.round_timeout,
+                train_config=ConfigRecord(dict(offset)),
+                evaluate_config=ConfigRecord(dict(offset)),
+                evaluate_fn=evaluate_fn,
+            )
+        except (RunStopped, PrivacyBudgetExhausted) as exc:
+            stopped = str(exc) if isinstance(exc, RunStopped) else f"central privacy budget: {exc}"
+            _log.warning("run stopped early: %s", stopped)
     records = run.records()
     summary = _summary(cfg, task, records, wall=previous_wall + time.monotonic() - started)
-    run.finish(summary)
+    summary["privacy"] = privacy_summary(cfg, records, central=central_summary(strategy, cfg))
+    summary["private"] = summary["privacy"]["private"]
+    if stopped:
+        summary["stopped_early"] = stopped
+    if not summary["private"]:
+        _log.warning("this run was NOT differentially private: %s", summary["privacy"]["reason"])
+    run.finish(summary, stopped_early=stopped)
     return summary
 
 
@@ -133,9 +153,56 @@ def _summary(cfg: FedConfig, task: Task, records: list[dict[str, Any]], *, wall:
         "strategy": cfg.strategy,
         "dataset": cfg.dataset,
         "mode": "federated",
-        # Sites train without DP-SGD so far: say so in every summary.
-        "private": False,
     }
+
+
+def privacy_summary(cfg: FedConfig, records: list[dict[str, Any]], *, central: dict[str, Any] | None) -> dict[str, Any]:
+    """Per-site DP facts from the sites' last replies, and whether the run was private.
+
+    A run is private only if DP-SGD was on and every site that ever trained
+    reported DP-SGD in every round it trained.
+    """
+    sites: dict[str, dict[str, Any]] = {}
+    non_private: set[str] = set()
+    for r in records:
+        for site, m in r.get("sites_train", {}).items():
+            if not m.get("dp"):
+                non_private.add(site)
+                continue
+            sites[site] = {
+                "epsilon": m["epsilon"],
+                "delta": m["delta"],
+                "noise_multiplier": m["noise-multiplier"],
+                "sample_rate": m["sample-rate"],
+                "steps": int(m["dp-steps"]),
+                "accountant": cfg.accountant,
+            }
+    if not cfg.dp:
+        reason = "dp = false: sites trained without DP-SGD"
+    elif non_private:
+        reason = f"site(s) {', '.join(sorted(non_private))} trained without DP-SGD"
+    elif not sites:
+        reason = "no site completed a private round"
+    else:
+        reason = ""
+    out: dict[str, Any] = {
+        "private": not reason,
+        "reason": reason,
+        "sample_level": {
+            "dp": cfg.dp,
+            "target_epsilon": cfg.target_epsilon,
+            "delta": cfg.delta,
+            "max_grad_norm": cfg.max_grad_norm,
+            "dp_mode": cfg.dp_mode,
+            "secure_rng": cfg.secure_rng,
+        },
+        "sites": dict(sorted(sites.items())),
+        "max_site_epsilon": max((s["epsilon"] for s in sites.values()), default=None),
+        "secure_aggregation": cfg.secagg,
+    }
+    if central:
+        out["central"] = central
+    return out
 
 
 def build_server_app(cfg: FedConfig | None = None, out_dir: str | Path | None = None, *, started: float | None = None) -> ServerApp:

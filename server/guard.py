@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import Strategy
 
 from shared.protocol import SITE_RECORD
 
-__all__ = ["SiteGuard", "AllSitesFailed", "RoundReport"]
+__all__ = ["SiteGuard", "AllSitesFailed", "RunStopped", "RoundReport", "is_refusal"]
 
 _log = logging.getLogger("fedlens.server.guard")
 
@@ -29,6 +29,19 @@ def last_line(text: str) -> str:
 
 class AllSitesFailed(RuntimeError):
     """No site returned a usable update in a round."""
+
+
+class RunStopped(Exception):
+    """The run ends early for a reason that is not a fault (privacy budgets used up)."""
+
+
+# How a site's refusal to spend more privacy budget shows in its error reply.
+REFUSAL_MARK = "BudgetExceeded"
+
+
+def is_refusal(reason: str) -> bool:
+    """Whether a failure reason is a site declining on privacy grounds (not a crash)."""
+    return REFUSAL_MARK in reason
 
 
 class RoundReport:
@@ -77,7 +90,8 @@ class SiteGuard(Strategy):
             name = self._name(msg)
             if msg.has_error():
                 self.current.failed[msg.metadata.src_node_id] = f"{phase}: {msg.error.reason}"
-                _log.warning("site %s failed in %s: %s", name, phase, last_line(msg.error.reason))
+                verb = "declined" if is_refusal(msg.error.reason) else "failed in"
+                _log.warning("site %s %s %s: %s", name, verb, phase, last_line(msg.error.reason))
             else:
                 metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
                 target = self.current.train if phase == "train" else self.current.evaluate
@@ -99,6 +113,8 @@ class SiteGuard(Strategy):
                 self.current.failed[node] = "train: no reply within round-timeout (site down or too slow)"
         if not any(not m.has_error() for m in replies):
             reasons = "; ".join(f"{k}: {last_line(v)}" for k, v in self.round_failures().items())
+            if self.current.failed and all(is_refusal(v) for v in self.current.failed.values()):
+                raise RunStopped(f"round {server_round}: no site may train any more within its privacy budget ({reasons})")
             raise AllSitesFailed(
                 f"round {server_round}: none of the {len(self._sent)} sampled sites returned an update"
                 + (f" ({reasons})" if reasons else "")

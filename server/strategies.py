@@ -7,6 +7,7 @@ from typing import Callable
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from shared.config import FedConfig
+from shared.protocol import NUM_EXAMPLES, UNIT_WEIGHT
 
 __all__ = ["build_strategy", "STRATEGIES"]
 
@@ -21,6 +22,8 @@ def _sampling(cfg: FedConfig) -> dict[str, object]:
         "min_train_nodes": cfg.min_sites,
         "min_evaluate_nodes": min_eval,
         "min_available_nodes": cfg.min_sites,
+        # Central DP bounds each site's influence, so sites count equally.
+        "weighted_by_key": UNIT_WEIGHT if cfg.central_dp != "off" else NUM_EXAMPLES,
     }
 
 
@@ -36,6 +39,15 @@ STRATEGIES: dict[str, Callable[[FedConfig], Strategy]] = {
 }
 
 
-def build_strategy(cfg: FedConfig) -> Strategy:
-    """The Flower strategy named by ``cfg.strategy``, with the config's sampling."""
-    return STRATEGIES[cfg.strategy](cfg)
+def build_strategy(cfg: FedConfig, *, rounds_done: int = 0) -> Strategy:
+    """The Flower strategy named by ``cfg.strategy``, with the config's sampling.
+
+    With ``central-dp`` it is wrapped in Flower's DP wrapper and accountant
+    (``rounds_done`` releases already composed, for a resumed run).
+    """
+    strategy = STRATEGIES[cfg.strategy](cfg)
+    if cfg.central_dp != "off":
+        from .central_dp import wrap_central_dp
+
+        strategy = wrap_central_dp(strategy, cfg, rounds_done=rounds_done)
+    return strategy

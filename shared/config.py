@@ -18,13 +18,16 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["FedConfig", "load_config", "parse_overrides", "config_keys"]
+__all__ = ["FedConfig", "load_config", "parse_overrides", "parse_site_budgets", "config_keys"]
 
 DATASETS = ("fashion-mnist", "folder", "npz")
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "sgd")
+DP_MODES = ("auto", "book-keeping", "hooks", "functorch")
+ACCOUNTANTS = ("rdp", "prv")
+CENTRAL_DP = ("off", "server", "client")
 # Flower run-config keys that wire the app (where to write) rather than configure ML.
 APP_KEYS = ("out-dir",)
 
@@ -81,6 +84,26 @@ class FedConfig:
     lr_decay: float = _opt(0.9, "multiply the site learning rate by this after every round, in (0, 1]")
     momentum: float = _opt(0.9, "SGD momentum, in [0, 1)")
     weight_decay: float = _opt(0.0, "L2 weight decay of the site optimiser")
+    # --- privacy: sample-level DP-SGD at every site ------------------------------
+    dp: bool = _opt(True, "train with DP-SGD at every site (false = NOT private, said loudly)")
+    target_epsilon: float = _opt(8.0, "epsilon each site spends over the whole run (noise is calibrated once for all rounds)")
+    delta: float = _opt(1e-5, "delta of the (epsilon, delta) guarantee; keep it well below 1/(images per site)")
+    max_grad_norm: float = _opt(1.0, "per-example gradient clipping bound C of DP-SGD")
+    accountant: str = _opt("rdp", "privacy accountant", ACCOUNTANTS)
+    dp_mode: str = _opt("auto", "per-example gradient method: auto picks book-keeping when the trainable part allows it, else hooks", DP_MODES)
+    secure_rng: bool = _opt(False, "cryptographically secure noise and sampling (Opacus secure_mode; needs torchcsprng); use for production runs")
+    site_max_epsilon: float = _opt(0.0, "simulation: each simulated site's own epsilon budget (0 = target-epsilon)")
+    site_budgets: str = _opt("", "simulation: per-site budgets overriding site-max-epsilon, e.g. \"site-0=2,site-3=0.5\"")
+    # --- privacy: user-level (central) DP and secure aggregation -------------------
+    central_dp: str = _opt("off", "user-level DP via Flower's wrappers: server clips, or sites clip (server adds noise either way)", CENTRAL_DP)
+    central_noise: float = _opt(1.0, "central DP noise multiplier (std = noise x clip-norm over the summed updates)")
+    central_clip: float = _opt(1.0, "central DP clipping bound on each site's model update (L2)")
+    central_epsilon: float = _opt(10.0, "central DP budget: the run stops before a round would exceed it")
+    central_delta: float = _opt(1e-3, "central DP delta (keep below 1/num-sites)")
+    secagg: bool = _opt(False, "secure aggregation (Flower SecAgg+): the server only sees the sum of the site updates")
+    secagg_shares: int = _opt(3, "SecAgg+: secret shares per site's key (>= 2)")
+    secagg_threshold: int = _opt(2, "SecAgg+: shares needed to reconstruct a dropped site's mask (<= secagg-shares)")
+    secagg_clip_range: float = _opt(8.0, "SecAgg+: update values are clipped to +/- this before quantisation")
     # --- run ------------------------------------------------------------------
     seed: int = _opt(0, "seed for partitions, sampling, initialisation and shuffling")
     device: str = _opt("auto", "auto uses CUDA when present", DEVICES)
@@ -205,6 +228,35 @@ def _check_ranges(cfg: FedConfig) -> None:
     need(0.0 < cfg.lr_decay <= 1.0, f"`lr-decay` must be in (0, 1], got {cfg.lr_decay}")
     need(0.0 <= cfg.momentum < 1.0, f"`momentum` must be in [0, 1), got {cfg.momentum}")
     need(cfg.weight_decay >= 0.0, f"`weight-decay` must be >= 0, got {cfg.weight_decay}")
+    if cfg.dp:
+        from .privacy.accounting import check_privacy_params  # raises on epsilon <= 0 / delta outside (0, 1)
+
+        check_privacy_params(epsilon=cfg.target_epsilon, delta=cfg.delta)
+    need(cfg.max_grad_norm > 0.0, f"`max-grad-norm` must be > 0, got {cfg.max_grad_norm}")
+    need(cfg.site_max_epsilon >= 0.0, f"`site-max-epsilon` must be >= 0 (0 = target-epsilon), got {cfg.site_max_epsilon}")
+    parse_site_budgets(cfg.site_budgets)
+    if cfg.central_dp != "off":
+        need(cfg.central_noise > 0.0, f"`central-noise` must be > 0, got {cfg.central_noise}")
+        need(cfg.central_clip > 0.0, f"`central-clip` must be > 0, got {cfg.central_clip}")
+        need(cfg.central_epsilon > 0.0, f"`central-epsilon` must be > 0, got {cfg.central_epsilon}")
+        need(0.0 < cfg.central_delta < 1.0, f"`central-delta` must be in (0, 1), got {cfg.central_delta}")
+        need(
+            cfg.strategy in ("fedavg", "fedprox"),
+            f"`central-dp` needs a mean-based strategy (fedavg or fedprox), not {cfg.strategy!r}",
+        )
+    if cfg.secagg:
+        need(
+            cfg.strategy == "fedavg",
+            f"`secagg = true` needs `strategy = \"fedavg\"`: the server only sees the sum of updates, "
+            f"so {cfg.strategy!r} (which looks at individual updates or keeps optimiser state) cannot run",
+        )
+        need(cfg.central_dp != "server", "`secagg = true` hides individual updates, so the server cannot clip them: use `central-dp = \"client\"`")
+        need(cfg.secagg_shares >= 2, f"`secagg-shares` must be >= 2, got {cfg.secagg_shares}")
+        need(
+            1 <= cfg.secagg_threshold <= cfg.secagg_shares,
+            f"`secagg-threshold` must be in [1, secagg-shares = {cfg.secagg_shares}], got {cfg.secagg_threshold}",
+        )
+        need(cfg.secagg_clip_range > 0.0, f"`secagg-clip-range` must be > 0, got {cfg.secagg_clip_range}")
     need(cfg.dataset == "fashion-mnist" or bool(cfg.data_path), f"`dataset = {cfg.dataset!r}` needs `data-path`")
     # Imported here: both parsers raise ConfigError with the accepted forms.
     from .data.transforms import parse_augment
@@ -212,6 +264,27 @@ def _check_ranges(cfg: FedConfig) -> None:
 
     parse_policy(cfg.policy)
     parse_augment(cfg.augment)
+
+
+def parse_site_budgets(text: str) -> dict[str, float]:
+    """``"site-0=2,site-3=0.5"`` -> ``{"site-0": 2.0, "site-3": 0.5}``.
+
+    Raises
+    ------
+    ConfigError
+        For items that are not ``SITE=EPSILON`` with a positive epsilon.
+    """
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        site, sep, value = item.partition("=")
+        try:
+            epsilon = float(value) if sep and site.strip() else float("nan")
+        except ValueError:
+            epsilon = float("nan")
+        if not epsilon > 0:
+            raise ConfigError(f"`site-budgets` item {item!r} is not SITE=EPSILON with epsilon > 0 (e.g. \"site-0=2,site-3=0.5\")")
+        out[site.strip()] = epsilon
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
 PARTITIONS_FILE = "partitions.json"
 STATUS_FILE = "status.json"
+RUN_ID_FILE = "run-id"
+SITES_DIR = "sites"
 
 
 class RunDir:
@@ -54,8 +57,21 @@ class RunDir:
             )
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.path / CONFIG_FILE, cfg.to_toml())
+        atomic_write_text(run.path / RUN_ID_FILE, uuid.uuid4().hex + "\n")
         run.set_status("running")
         return run
+
+    @property
+    def run_id(self) -> str:
+        """The run's identity: sites key their privacy ledgers by it, also across resumes."""
+        path = self.path / RUN_ID_FILE
+        if not path.is_file():
+            atomic_write_text(path, uuid.uuid4().hex + "\n")
+        return path.read_text(encoding="utf-8").strip()
+
+    def site_state_dir(self, site: str) -> Path:
+        """Where a *simulated* site keeps its state (privacy ledger)."""
+        return self.path / SITES_DIR / site
 
     def config(self) -> FedConfig:
         """The run's resolved configuration."""
@@ -112,12 +128,12 @@ class RunDir:
         path = self.path / STATUS_FILE
         return self.read_json(STATUS_FILE) if path.is_file() else {"status": "unknown"}
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        """Write ``summary.json`` and the plots, and mark the run finished."""
+    def finish(self, summary: dict[str, Any], *, stopped_early: str | None = None) -> None:
+        """Write ``summary.json`` and the plots, and mark the run finished (maybe early, with the reason)."""
         from .plots import plot_rounds
 
         records = self.records()
         if records:
             plot_rounds(records, self.path)
         self.write_json(SUMMARY_FILE, summary)
-        self.set_status("finished")
+        self.set_status("finished", **({"stopped_early": stopped_early} if stopped_early else {}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from .config import FedConfig
 from .data import ImageSet, ImageTransform, cached_features, default_cache_dir, parse_augment, stratified_split
+from .privacy.dpsgd import DPSGD, PlainStepper, Stepper
 from .metrics import ClassificationReport, classification_report
 from .models import (
     FedModel,
@@ -30,7 +32,7 @@ from .models import (
     trainable_state_dict,
 )
 
-__all__ = ["Task", "LocalData", "TrainStats", "resolve_device", "local_split", "site_seed"]
+__all__ = ["Task", "LocalData", "TrainStats", "resolve_device", "local_split", "local_split_indices", "site_seed"]
 
 _log = logging.getLogger(f"fedlens.{__name__}")
 
@@ -71,11 +73,16 @@ def site_seed(run_seed: int, round: int, site: str) -> int:
     return zlib.crc32(f"{run_seed}/{round}/{site}".encode())
 
 
+def local_split_indices(labels: np.ndarray, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a site's ``(train, evaluation)`` parts, stratified by label."""
+    if fraction <= 0 or len(labels) < 2:
+        return np.arange(len(labels)), np.arange(0)
+    return stratified_split(labels, fraction, seed=seed)
+
+
 def local_split(data: LocalData, labels: np.ndarray, fraction: float, *, seed: int) -> tuple[LocalData, LocalData]:
     """Split a site's data into ``(train, evaluation)``, stratified by label."""
-    if fraction <= 0 or len(labels) < 2:
-        return data, data.subset(torch.arange(0))
-    rest, held = stratified_split(labels, fraction, seed=seed)
+    rest, held = local_split_indices(labels, fraction, seed=seed)
     return data.subset(torch.as_tensor(rest)), data.subset(torch.as_tensor(held))
 
 
@@ -173,23 +180,26 @@ class Task:
         seed: int,
         lr: float | None = None,
         proximal_mu: float = 0.0,
+        dp: DPSGD | None = None,
     ) -> TrainStats:
-        """Local SGD on the trainable part.
+        """Local training of the trainable part, private when ``dp`` is given.
 
         Parameters
         ----------
         data : LocalData
             Site training data (from :meth:`prepare`).
         epochs : int
-            Passes over ``data``.
+            Passes over ``data`` (with DP-SGD: ``epochs x int(1/q)`` Poisson batches).
         seed : int
-            Seeds shuffling and augmentation.
+            Seeds shuffling, augmentation and (unless secure) DP sampling and noise.
         lr : float, optional
             Learning rate for this call (default: the config's ``lr``).
         proximal_mu : float
             FedProx: pulls weights towards their value at the start of the call.
             Applied as a decoupled proximal step after each optimiser step, which
             needs no per-sample gradient and so composes with DP-SGD.
+        dp : DPSGD, optional
+            The DP-SGD mechanism; ``None`` trains without privacy.
         """
         import time
 
@@ -201,32 +211,44 @@ class Task:
         anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
         lr = cfg.lr if lr is None else lr
         optimizer = self.make_optimizer(params, lr)
+        n = len(data)
+        if dp is None:
+            batches = self._shuffled(n, epochs, generator)
+            stepper: Stepper = PlainStepper(optimizer)
+        else:
+            sampling, noise = dp.generators(seed, self.device)
+            batches = dp.batches(n, epochs=epochs, generator=sampling)
+            stepper = dp.stepper(self.head, optimizer, noise)
         train_mode(self.model, False)
         train_mode(self.head, True)  # frozen stages stay in eval mode, as when cached
         started = time.perf_counter()
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
-        n = len(data)
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            for i in range(0, n, cfg.batch_size):
-                idx = order[i : i + cfg.batch_size]
+        try:
+            for idx in batches:
                 x = self._enter(data.inputs[idx], data.start, train=True, generator=generator)
                 y = data.labels[idx].to(self.device)
                 logits = self.head(x)
-                loss = nn.functional.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = nn.functional.cross_entropy(logits, y, reduction="none")
+                stepper.step(loss)
                 if anchor is not None:
                     with torch.no_grad():
                         for p, p0 in zip(params, anchor):
                             p.sub_(lr * proximal_mu * (p - p0))
                 steps += 1
-                total_loss += float(loss.detach()) * len(idx)
+                total_loss += float(loss.detach().sum())
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(idx)
-        train_mode(self.model, False)
+        finally:
+            stepper.close()
+            train_mode(self.model, False)
+        seen = max(seen, 1)
         return TrainStats(total_loss / seen, correct / seen, n, steps, time.perf_counter() - started)
+
+    def _shuffled(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for i in range(0, n, self.cfg.batch_size):
+                yield order[i : i + self.cfg.batch_size]
 
     def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """The configured site optimiser over ``params``."""

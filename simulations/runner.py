@@ -8,11 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shared.config import FedConfig
 from shared.data import load_dataset
 from shared.errors import FedlensError
-from shared.rundir import RunDir
+from shared.rundir import SITES_DIR, RunDir
 from shared.task import Task
+
+from shared.privacy import check_privacy_params
+from shared.privacy.dpsgd import INSECURE_RNG_WARNING, sample_rate_for, secure_generator
+from shared.task import local_split_indices
 
 from .partition import class_counts, partition
 
@@ -61,6 +67,32 @@ def _log_partitions(cfg: FedConfig, counts: list[list[int]], classes: tuple[str,
         _log.info("%s", f"site-{i:<4} " + " ".join(f"{n:>{width}}" for n in row) + f"   {sum(row):>5}")
 
 
+def _check_privacy(cfg: FedConfig, labels: np.ndarray, sites: list[np.ndarray]) -> None:
+    """Fail fast on DP settings no site could run with; say loudly when the run is not private."""
+    if not cfg.dp:
+        _log.warning("!" * 78)
+        _log.warning("dp = false: this run is NOT differentially private. Sites train without DP-SGD and")
+        _log.warning("their updates can leak their images. Use it only for baselines on public data.")
+        _log.warning("!" * 78)
+        return
+    if cfg.secure_rng:
+        secure_generator()  # raises with instructions when torchcsprng is missing
+    else:
+        _log.warning("%s", INSECURE_RNG_WARNING)
+    smallest = None
+    for i, idx in enumerate(sites):
+        rest, _held = local_split_indices(labels[idx], cfg.site_eval_fraction, seed=cfg.seed)
+        sample_rate_for(cfg.batch_size, len(rest))  # raises for a site no larger than a batch
+        smallest = len(rest) if smallest is None else min(smallest, len(rest))
+    for warning in check_privacy_params(epsilon=cfg.target_epsilon, delta=cfg.delta, dataset_size=smallest):
+        _log.warning("smallest site: %s", warning)
+    _log.info(
+        "DP-SGD at every site: target epsilon %g, delta %g, clipping %g, %s accountant; per-site budgets %s",
+        cfg.target_epsilon, cfg.delta, cfg.max_grad_norm, cfg.accountant,
+        cfg.site_budgets or f"{cfg.site_max_epsilon or cfg.target_epsilon:g} each",
+    )  # fmt: skip
+
+
 def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
     """Run the federated simulation described by ``cfg`` into ``out``.
 
@@ -89,7 +121,7 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
     run.write_json("partitions.json", {"partition": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
                                        "classes": list(train.classes), "class_counts": {f"site-{i}": c for i, c in enumerate(counts)}})  # fmt: skip
     _log_partitions(cfg, counts, train.classes)
-    _log.warning("this run is NOT differentially private: sites train without DP-SGD")
+    _check_privacy(cfg, train.labels.numpy(), sites)
     prep = time.monotonic()
     task = Task(cfg, train.num_classes)
     task.prepare(train, for_training=True)  # warms the on-disk feature cache once for all sites
@@ -112,7 +144,7 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
     try:
         run_simulation(
             server_app=build_server_app(cfg, run.path, started=started),
-            client_app=build_client_app(cfg),
+            client_app=build_client_app(cfg, state_root=run.path / SITES_DIR),
             num_supernodes=cfg.num_sites,
             backend_config=backend,  # type: ignore[arg-type]
         )

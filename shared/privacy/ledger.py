@@ -86,14 +86,10 @@ class PrivacyLedger:
     def record(self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> LedgerEntry:
         """Append one round, with the run's cumulative epsilon recomputed from its whole history.
 
-        Raises
-        ------
-        FedlensError
-            If the round is already recorded for this run (a replay would double count).
+        A round trained twice (a server that resumed and re-ran it) is recorded
+        twice: the site really spent it twice.
         """
         entries = self.entries()
-        if any(e.run_id == run_id and e.round == round for e in entries):
-            raise FedlensError(f"round {round} of run {run_id} is already in the privacy ledger {self.path}")
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.run_id == run_id]
         history.append((noise_multiplier, sample_rate, steps))
         entry = LedgerEntry(
@@ -110,6 +106,10 @@ class PrivacyLedger:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, {"format": _FORMAT, "entries": [asdict(e) for e in (*entries, entry)]})
         return entry
+
+    def steps(self, run_id: str) -> int:
+        """DP-SGD steps recorded for ``run_id`` over all its rounds."""
+        return sum(e.steps for e in self.entries() if e.run_id == run_id)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "entries": [asdict(e) for e in self.entries()]}

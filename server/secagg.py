@@ -1,0 +1,297 @@
+"""Federated averaging whose aggregation goes through Flower's SecAgg+ protocol.
+
+Flower 1.42 only offers SecAgg+ on its legacy path (``SecAggPlusWorkflow`` with a
+``LegacyContext`` and the legacy ``FedAvg``). This module is the one place on the
+server that touches that path: it takes and returns Message-API records and keeps
+the legacy objects inside.
+
+What the server learns per site and round is the masked vector (uniformly random
+modulo 2**32 on its own), the site's number of examples and the site's reply
+metrics, which travel in plaintext next to the masked vector (see
+``client/secagg.py``). Only the weighted sum of the updates is ever unmasked.
+
+The round loop is ours rather than ``DefaultWorkflow``'s: that loop carries on
+with the old weights when SecAgg+ halts (too few sites, too few key shares),
+evaluates the initial model as round 0 and leaves a polling thread behind when a
+callback raises. Here a halted round raises :class:`RuntimeError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from shared.protocol import NUM_EXAMPLES, SITE_RECORD
+
+__all__ = ["run_secagg_rounds", "PARAM_NAMES_KEY"]
+
+_log = logging.getLogger("fedlens.server.secagg")
+
+# Train-config key carrying the parameter names: legacy ``Parameters`` are a bare
+# list of arrays. Must equal ``client.secagg.PARAM_NAMES_KEY`` (a test checks it).
+PARAM_NAMES_KEY = "secagg-param-names"
+# Flower's SecAgg+ weight cap (its default): a site's contribution is scaled by
+# num_examples / max_weight before clipping to [-clipping_range, clipping_range].
+MAX_WEIGHT = 1000.0
+# How long to wait for ``min_sites`` sites to connect when no ``timeout`` is given.
+_CONNECT_WAIT_S = 60.0
+
+ConfigValue = int | float | str | bool
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+OnRound = Callable[[int, dict[str, dict[str, float]], dict[int, str]], None]
+
+
+@dataclass
+class _RoundLog:
+    """What the sites answered in one round, collected at the grid."""
+
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+
+
+class _ObservedGrid(Grid):
+    """Delegate to ``grid``; note each site's metrics and failures per SecAgg+ stage.
+
+    The legacy workflow keeps replies to itself and its failures carry no node id,
+    so per-site outcomes are read off the messages as they pass.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.round = _RoundLog()
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        stage = _stage(messages[0]) if messages else "unknown"
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        for msg in messages:
+            if msg.metadata.dst_node_id not in answered:
+                self.round.failures.setdefault(msg.metadata.dst_node_id, f"{stage}: no reply within {timeout} s")
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.round.failures.setdefault(node, f"{stage}: {reply.error.reason}")
+            elif stage == Stage.COLLECT_MASKED_VECTORS:
+                name, metrics = _site_metrics(reply)
+                self.round.metrics[name] = metrics
+        return replies
+
+
+def _stage(msg: Message) -> str:
+    return str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
+
+
+def _site_metrics(reply: Message) -> tuple[str, dict[str, float]]:
+    """Site name and numeric metrics of a masked-vector reply (plaintext records)."""
+    content = reply.content
+    site = content.config_records.get(SITE_RECORD)
+    name = str(site["name"]) if site is not None and "name" in site else f"node-{reply.metadata.src_node_id}"
+    raw = content.config_records.get("fitres.metrics", ConfigRecord())
+    metrics = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics[NUM_EXAMPLES] = float(content.metric_records["fitres.num_examples"]["num_examples"])
+    return name, metrics
+
+
+def _register_sites(grid: Grid, manager: SimpleClientManager, min_sites: int, wait_s: float) -> int:
+    """Make the client manager hold exactly the connected nodes; wait for ``min_sites``."""
+    deadline = time.monotonic() + wait_s
+    while len(nodes := set(grid.get_node_ids())) < min_sites:
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"SecAgg+ needs at least {min_sites} sites (min_sites), but only {len(nodes)} "
+                f"connected within {wait_s:.0f} s"
+            )
+        _log.info("waiting for sites: %d of %d connected", len(nodes), min_sites)
+        time.sleep(1.0)
+    known = manager.all()
+    for node in set(known) - {str(n) for n in nodes}:
+        manager.unregister(known[node])
+    for node in nodes - {int(n) for n in known}:
+        manager.register(GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id))
+    return len(nodes)
+
+
+def _check_arguments(initial_arrays: ArrayRecord, num_rounds: int, train_config: dict[str, ConfigValue], min_sites: int) -> None:
+    if num_rounds < 1:
+        raise ValueError(f"num_rounds must be at least 1, got {num_rounds}")
+    if min_sites < 2:
+        raise ValueError(f"SecAgg+ needs at least 2 sites per round; min_sites is {min_sites}")
+    if PARAM_NAMES_KEY in train_config:
+        raise ValueError(f"train_config must not use the reserved key {PARAM_NAMES_KEY!r}")
+    if len(initial_arrays) == 0:
+        raise ValueError("initial_arrays is empty: nothing to aggregate")
+    for name, array in initial_arrays.items():
+        if not np.issubdtype(np.dtype(array.numpy().dtype), np.floating):
+            raise ValueError(
+                f"SecAgg+ quantises floating-point arrays only; {name!r} has dtype {array.dtype}. "
+                "Send only the trainable parameters (no integer buffers such as num_batches_tracked)."
+            )
+
+
+def _failure_text(failures: dict[int, str]) -> str:
+    return "; ".join(f"node {node}: {reason.strip().splitlines()[-1]}" for node, reason in failures.items()) or "no site reported an error"
+
+
+def run_secagg_rounds(
+    grid: Grid,
+    *,
+    initial_arrays: ArrayRecord,
+    num_rounds: int,
+    train_config: dict[str, ConfigValue],
+    evaluate_fn: EvaluateFn,
+    on_round: OnRound | None = None,
+    num_shares: int = 3,
+    reconstruction_threshold: int = 2,
+    clipping_range: float = 8.0,
+    quantization_range: int = 4194304,
+    min_sites: int = 2,
+    timeout: float | None = None,
+) -> ArrayRecord:
+    """Run ``num_rounds`` rounds of FedAvg, each aggregated with SecAgg+.
+
+    Every connected site trains in every round. The new model is the average of
+    the sites' models weighted by their numbers of examples, computed by Flower's
+    SecAgg+ protocol, so the server never sees a single site's model.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's grid.
+    initial_arrays : ArrayRecord
+        Named floating-point arrays to start from (the trainable parameters only).
+    num_rounds : int
+        Rounds to run; rounds are numbered 1..num_rounds here.
+    train_config : dict of str to int, float, str or bool
+        Sent to every site in every round, with ``"server-round"`` set to the
+        1-based round of this call.
+    evaluate_fn : callable
+        ``evaluate_fn(round, arrays)`` after each round, with the aggregated arrays.
+    on_round : callable, optional
+        ``on_round(round, per_site_metrics, failures)`` after ``evaluate_fn``:
+        each aggregated site's numeric reply metrics (plus ``"num-examples"``) by
+        site name, and the reason by node id for every site that failed or did
+        not answer in some stage of the round.
+    num_shares : int, default 3
+        Shares each site's secrets are split into (its neighbourhood size, odd).
+    reconstruction_threshold : int, default 2
+        Shares needed to rebuild a secret; a site's neighbourhood survives
+        ``num_shares - reconstruction_threshold`` dropouts.
+    clipping_range : float, default 8.0
+        Each site clips ``num_examples / 1000 * value`` to this range before
+        quantisation (the site refuses rather than clip silently).
+    quantization_range : int, default 2**22
+        Quantisation levels over ``[-clipping_range, clipping_range]``.
+    min_sites : int, default 2
+        Sites that must be connected at the start of each round.
+    timeout : float, optional
+        Seconds to wait for replies in each of the four SecAgg+ stages, and for
+        ``min_sites`` sites to connect (60 s when None; replies are then awaited
+        without limit).
+
+    Returns
+    -------
+    ArrayRecord
+        The final arrays, with the names, order and dtypes of ``initial_arrays``.
+
+    Raises
+    ------
+    ValueError
+        When an argument is out of range or an array is not floating-point.
+    RuntimeError
+        When fewer than ``min_sites`` sites are connected, or SecAgg+ could not
+        complete a round (too many sites failed); the message lists the reasons.
+    """
+    _check_arguments(initial_arrays, num_rounds, train_config, min_sites)
+    names = list(initial_arrays.keys())
+    dtypes = [initial_arrays[n].numpy().dtype for n in names]
+    current = [initial_arrays[n].numpy() for n in names]
+
+    observed = _ObservedGrid(grid)
+    strategy = FedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=min_sites,
+        min_available_clients=min_sites,
+        on_fit_config_fn=lambda rnd: {**train_config, "server-round": rnd, PARAM_NAMES_KEY: names},  # type: ignore[dict-item]
+        # Per-site metrics are read at the grid (with node ids); nothing to aggregate here.
+        fit_metrics_aggregation_fn=lambda _metrics: {},
+    )
+    base = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context = LegacyContext(base, strategy=strategy, client_manager=SimpleClientManager())
+    workflow = SecAggPlusWorkflow(
+        num_shares,
+        reconstruction_threshold,
+        max_weight=MAX_WEIGHT,
+        clipping_range=clipping_range,
+        quantization_range=quantization_range,
+        timeout=timeout,
+    )
+    started = time.monotonic()
+    arrays = initial_arrays
+    for rnd in range(1, num_rounds + 1):
+        sites = _register_sites(observed, context.client_manager, min_sites, timeout or _CONNECT_WAIT_S)
+        _log.info("round %d/%d: secure aggregation over %d sites", rnd, num_rounds, sites)
+        before = compat.parameters_to_arrayrecord(ndarrays_to_parameters(current), keep_input=True)
+        context.state.array_records[MAIN_PARAMS_RECORD] = before
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: rnd, WorkflowKey.START_TIME: started}
+        )
+        observed.round = _RoundLog()
+        try:
+            workflow(observed, context)
+        except Exception as exc:  # the protocol's own checks (e.g. tampered shares)
+            raise RuntimeError(f"round {rnd}: SecAgg+ failed: {exc} ({_failure_text(observed.round.failures)})") from exc
+        after = context.state.array_records[MAIN_PARAMS_RECORD]
+        if after is before:  # the workflow halts without raising and leaves the model as it was
+            raise RuntimeError(
+                f"round {rnd}: SecAgg+ halted: too few sites completed the protocol "
+                f"({len(observed.round.metrics)} of {sites} sent masked updates; a site needs "
+                f"{reconstruction_threshold} live neighbours). Failures: {_failure_text(observed.round.failures)}"
+            )
+        aggregated = parameters_to_ndarrays(compat.arrayrecord_to_parameters(after, keep_input=True))
+        current = [np.ascontiguousarray(a, dtype=d) for a, d in zip(aggregated, dtypes, strict=True)]
+        arrays = ArrayRecord({n: torch.from_numpy(a) for n, a in zip(names, current, strict=True)})
+        for node, reason in observed.round.failures.items():
+            _log.warning("round %d: node %d failed: %s", rnd, node, reason.strip().splitlines()[-1])
+        metrics = evaluate_fn(rnd, arrays)
+        _log.info("round %d/%d done: %d sites aggregated; server metrics %s", rnd, num_rounds, len(observed.round.metrics), dict(metrics or {}))
+        if on_round is not None:
+            on_round(rnd, dict(observed.round.metrics), dict(observed.round.failures))
+    return arrays

@@ -1,0 +1,238 @@
+"""DP-SGD for one stretch of local training: Poisson sampling, per-sample clipping, noise.
+
+:class:`DPSGD` describes the mechanism (noise multiplier, clipping bound, sample
+rate) and hands :meth:`shared.task.Task.train` two things: the Poisson batches
+(Opacus' ``UniformWithReplacementSampler``) and a *stepper* that turns a batch's
+per-sample losses into a private optimiser step. Noise, its scale and the
+optimiser wrapping are Opacus' (``DPOptimizer`` / ``DPOptimizerFastGradientClipping``);
+the per-sample gradient method is chosen per trainable part:
+
+``book-keeping``
+    Ghost norms + book-keeping (:mod:`.fastclip`): one backward pass, no per-sample
+    gradient ever materialised. Exact for Linear and 1x1-conv layers, which is
+    what the ``head`` and ``last-1`` policies train on EfficientNet-Lite0.
+``hooks`` / ``functorch``
+    Opacus' ``GradSampleModule``; any layer Opacus supports (depthwise convs of
+    deeper policies, ResNet blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DataError
+from .fastclip import BookKeepingClipper, supports_fast_clipping
+
+__all__ = ["DPSGD", "Stepper", "PlainStepper", "resolve_dp_mode", "steps_per_epoch", "sample_rate_for", "secure_generator"]
+
+_log = logging.getLogger("fedlens.privacy.dpsgd")
+
+# What Opacus says when secure_mode is off; repeated in fedlens' own log so it
+# stays visible where Python's once-per-process warning filter would hide it.
+INSECURE_RNG_WARNING = (
+    "Secure RNG turned off (secure-rng = false): fine for experiments, but noise and sampling "
+    "come from a seeded PRNG. Set secure-rng = true for production runs (Opacus secure_mode)."
+)
+
+
+def sample_rate_for(batch_size: int, num_examples: int) -> float:
+    """Poisson sampling rate giving ``batch_size`` images per step on average.
+
+    Raises
+    ------
+    DataError
+        When the site has no more images than one batch: DP-SGD would then see every
+        image at every step (no privacy amplification), so the run refuses instead.
+    """
+    if num_examples <= batch_size:
+        raise DataError(
+            f"DP-SGD needs more training images than `batch-size` ({batch_size}), but this site has "
+            f"{num_examples}: lower `batch-size` (e.g. {max(1, num_examples // 8)}) or add images"
+        )
+    return batch_size / num_examples
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Steps of one local epoch at ``sample_rate`` (Opacus' convention, ``int(1/q)``)."""
+    return max(1, int(1.0 / sample_rate))
+
+
+def resolve_dp_mode(module: nn.Module, mode: str) -> str:
+    """The per-sample gradient method for ``module``: ``auto`` picks the fastest exact one."""
+    if mode == "auto":
+        return "book-keeping" if supports_fast_clipping(module) else "hooks"
+    if mode == "book-keeping" and not supports_fast_clipping(module):
+        raise ConfigError(
+            "`dp-mode = book-keeping` only handles trainable Linear and 1x1-conv layers; this policy trains "
+            "others: use `dp-mode = auto` (or hooks / functorch)"
+        )
+    return mode
+
+
+def secure_generator() -> torch.Generator:
+    """A cryptographically secure generator (torchcsprng), as Opacus' secure_mode uses.
+
+    Raises
+    ------
+    ConfigError
+        When torchcsprng is not installed.
+    """
+    try:
+        import torchcsprng as csprng  # type: ignore[import-not-found]
+    except ImportError:
+        raise ConfigError(
+            "`secure-rng = true` needs the torchcsprng package (Opacus' secure random generator), which "
+            "is not installed. Install a torchcsprng build matching this torch version, or run with "
+            "secure-rng = false for experiments."
+        ) from None
+    return csprng.create_random_device_generator("/dev/urandom")
+
+
+_warned = False
+
+
+class Stepper(Protocol):
+    """Turns the per-sample losses of one batch into an optimiser step."""
+
+    def step(self, per_sample_loss: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PlainStepper:
+    """Non-private: mean loss, backward, step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self, per_sample_loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        per_sample_loss.mean().backward()
+        self.optimizer.step()
+
+    def close(self) -> None:
+        pass
+
+
+class _BookKeepingStepper:
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, dp: "DPSGD", generator: torch.Generator | None) -> None:
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        self.clipper = BookKeepingClipper(module, max_grad_norm=dp.max_grad_norm)
+        self.optimizer = DPOptimizerFastGradientClipping(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=dp.expected_batch_size,
+            loss_reduction="mean",
+            generator=generator,
+            secure_mode=dp.secure_rng,
+        )
+
+    def step(self, per_sample_loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.clipper.backward(per_sample_loss)
+        self.optimizer.step()
+
+    def close(self) -> None:
+        self.clipper.close()
+
+
+class _OpacusStepper:
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, dp: "DPSGD", generator: torch.Generator | None, *, functorch: bool) -> None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        # Per-sample gradients of the summed loss; DPOptimizer divides the noisy
+        # clipped sum by the expected batch size ("mean"), as DP-SGD prescribes.
+        self.module = GradSampleModule(module, batch_first=True, loss_reduction="sum", force_functorch=functorch)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=dp.expected_batch_size,
+            loss_reduction="mean",
+            generator=generator,
+            secure_mode=dp.secure_rng,
+        )
+
+    def step(self, per_sample_loss: torch.Tensor) -> None:
+        if per_sample_loss.shape[0] == 0:  # empty Poisson batch: noise only
+            for p in self.params:
+                p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
+        else:
+            per_sample_loss.sum().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        self.module._close()
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """One DP-SGD mechanism, fixed for a whole run.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        Gaussian noise std over the clipping bound (calibrated once per run).
+    max_grad_norm : float
+        Per-sample clipping bound ``C``.
+    sample_rate : float
+        Poisson sampling probability of each image at each step.
+    expected_batch_size : int
+        Divides the noisy clipped sum (``sample_rate x images``).
+    mode : str
+        ``auto``, ``book-keeping``, ``hooks`` or ``functorch``.
+    secure_rng : bool
+        Use a cryptographically secure generator for sampling and noise.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: int
+    mode: str = "auto"
+    secure_rng: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier >= 0 or not self.max_grad_norm > 0 or not 0 < self.sample_rate < 1:
+            raise ConfigError(
+                f"invalid DP-SGD parameters: noise multiplier {self.noise_multiplier} (>= 0), "
+                f"clipping bound {self.max_grad_norm} (> 0), sample rate {self.sample_rate} (in (0, 1))"
+            )
+
+    def generators(self, seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """``(sampling, noise)`` randomness: secure, or seeded (reproducible, warned about once per process)."""
+        if self.secure_rng:
+            return secure_generator(), secure_generator()
+        global _warned
+        if not _warned:  # once per process: every site process says it
+            _warned = True
+            _log.warning("%s", INSECURE_RNG_WARNING)
+        noise = torch.Generator(device=device).manual_seed(seed + 1)
+        return torch.Generator().manual_seed(seed), noise
+
+    def batches(self, num_examples: int, *, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Poisson-sampled index batches: ``epochs x int(1/q)`` of them."""
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        sampler = UniformWithReplacementSampler(
+            num_samples=num_examples, sample_rate=self.sample_rate, generator=generator, steps=epochs * steps_per_epoch(self.sample_rate)
+        )
+        for indices in sampler:
+            yield torch.as_tensor(indices, dtype=torch.long)
+
+    def stepper(self, module: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> Stepper:
+        """A private stepper over ``module``'s trainable parameters (close it afterwards)."""
+        mode = resolve_dp_mode(module, self.mode)
+        if mode == "book-keeping":
+            return _BookKeepingStepper(module, optimizer, self, generator)
+        return _OpacusStepper(module, optimizer, self, generator, functorch=mode == "functorch")

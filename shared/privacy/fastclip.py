@@ -1,0 +1,143 @@
+"""Per-sample gradient clipping in one backward pass, for Linear and pointwise-conv heads.
+
+DP-SGD needs ``sum_i clip(g_i)``: each example's gradient scaled to norm at most
+``C``, then summed. Opacus' hook mode materialises every per-sample gradient
+(batch x parameters floats) to get there; for a 1x1 convolution with 410 k weights
+that costs ~6x a normal step on a CPU. For layers that are linear maps applied
+at every spatial position (``nn.Linear``, 1x1 ``nn.Conv2d``), two classic tricks
+make it nearly free:
+
+* ghost norm (Goodfellow 2015; Li et al. 2022): with layer input ``a`` (positions x
+  d_in) and output gradient ``g`` (positions x d_out) of one example,
+  ``||g^T a||_F^2 = sum((g g^T) * (a a^T))`` — two small position x position Gram
+  matrices instead of a d_out x d_in gradient per example;
+* book-keeping (Bu et al. 2023): once the clip factors ``c_i`` are known, the clipped
+  sum is ``(c * g)^T a`` — one matrix product, the same cost as the ordinary
+  weight gradient.
+
+The backward pass only computes gradients with respect to layer *outputs* (no
+weight gradient is formed twice). Noise, scaling and the optimiser step stay with
+Opacus' :class:`~opacus.optimizers.DPOptimizerFastGradientClipping`, which expects
+exactly this clipped sum in ``p.grad``. Correctness is tested against Opacus'
+own per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["BookKeepingClipper", "supports_fast_clipping"]
+
+
+def _is_pointwise_conv(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and m.stride == (1, 1)
+        and m.padding in ((0, 0), "valid")
+        and m.dilation == (1, 1)
+        and m.groups == 1
+    )
+
+
+def _trainable_direct(m: nn.Module) -> list[nn.Parameter]:
+    return [p for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+def supports_fast_clipping(module: nn.Module) -> bool:
+    """True when every trainable parameter sits in a Linear or a pointwise (1x1) conv."""
+    layers = [m for m in module.modules() if _trainable_direct(m)]
+    return bool(layers) and all(isinstance(m, nn.Linear) or _is_pointwise_conv(m) for m in layers)
+
+
+class BookKeepingClipper:
+    """Hooks on ``module`` that turn a per-sample loss into clipped, summed gradients.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The trainable part; :func:`supports_fast_clipping` must hold.
+    max_grad_norm : float
+        Per-sample clipping bound ``C`` (over all parameters together).
+
+    Notes
+    -----
+    Use as a context manager (hooks are removed on exit) and call
+    :meth:`backward` instead of ``loss.backward()``.
+    """
+
+    def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
+        if not supports_fast_clipping(module):
+            raise ValueError("book-keeping clipping needs every trainable layer to be Linear or a 1x1 Conv2d")
+        self.max_grad_norm = float(max_grad_norm)
+        self.layers = [m for m in module.modules() if _trainable_direct(m)]
+        self._io: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = [m.register_forward_hook(self._capture) for m in self.layers]
+
+    def _capture(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self._io[module] = (inputs[0].detach(), output)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._io.clear()
+
+    def __enter__(self) -> "BookKeepingClipper":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _as_rows(t: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` or ``(B, ..., C)`` -> ``(B, positions, C)``."""
+        if t.dim() == 4:
+            return t.flatten(2).transpose(1, 2)
+        return t.reshape(t.shape[0], -1, t.shape[-1])
+
+    def backward(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
+        """Set ``p.grad = sum_i clip(grad of per_sample_loss[i])`` for every trainable parameter.
+
+        Returns
+        -------
+        torch.Tensor
+            The unclipped per-sample gradient norms (for diagnostics).
+        """
+        batch = per_sample_loss.shape[0]
+        if batch == 0:  # an empty Poisson batch: the step is pure noise
+            for m in self.layers:
+                for p in _trainable_direct(m):
+                    p.grad = torch.zeros_like(p)
+            self._io.clear()
+            return per_sample_loss.new_zeros(0)
+        outputs = [self._io[m][1] for m in self.layers]
+        grads = torch.autograd.grad(per_sample_loss.sum(), outputs)
+        rows = []
+        sq_norms = per_sample_loss.new_zeros(batch, dtype=torch.float32)
+        for m, g in zip(self.layers, grads):
+            a = self._as_rows(self._io[m][0]).float()
+            g = self._as_rows(g).float()
+            positions = a.shape[1]
+            if m.weight.requires_grad:
+                if positions == 1:
+                    sq_norms += g.square().sum((1, 2)) * a.square().sum((1, 2))
+                elif positions * (a.shape[2] + g.shape[2]) <= a.shape[2] * g.shape[2]:
+                    sq_norms += (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+                else:  # many positions: the per-sample gradient is the smaller object
+                    sq_norms += torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+            if m.bias is not None and m.bias.requires_grad:
+                sq_norms += g.sum(1).square().sum(1)
+            rows.append((m, a, g))
+        norms = sq_norms.sqrt()
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for m, a, g in rows:
+            gc = g * factor[:, None, None]
+            if m.weight.requires_grad:
+                w = gc.reshape(-1, gc.shape[2]).T @ a.reshape(-1, a.shape[2])
+                m.weight.grad = w.reshape(m.weight.shape).to(m.weight.dtype)
+            if m.bias is not None and m.bias.requires_grad:
+                m.bias.grad = gc.sum((0, 1)).to(m.bias.dtype)
+        self._io.clear()
+        return norms
