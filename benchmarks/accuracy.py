@@ -21,7 +21,7 @@ from simulations.runner import centralized, simulate
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     setup_logging()
-    cfg = config(args, **{"dataset": "fashion-mnist", "num-sites": 10, "partition": "dirichlet", "alpha": 0.5, "strategy": "fedavg"})
+    cfg = config(args, **{"dataset": "fashion-mnist", "num-sites": 10, "partition": "dirichlet", "alpha": 0.5, "strategy": "fedavg", "dp": False})
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t = time.monotonic()

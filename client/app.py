@@ -6,8 +6,12 @@ core and packs the reply. The trainable parameters are the only arrays exchanged
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Mapping
+
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -16,18 +20,21 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from shared.config import FedConfig
 from shared.privacy import BudgetExceeded, DPRequest, plan_round
+from shared.privacy.outbox import UpdateOutbox, state_digest
 from shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
 from shared.task import site_seed
 
+from .secagg import handle_secagg, is_secagg_message
 from .site import Site, load_site, site_privacy
 
 __all__ = ["app", "build_client_app"]
 
+_log = logging.getLogger("fedlens.client")
 
 
-def _round(msg: Message) -> int:
-    config = msg.content.config_records.get("config", ConfigRecord())
-    return int(config.get("server-round", 0)) + int(config.get(ROUND_OFFSET, 0))
+
+def _round(config: Mapping[str, object]) -> int:
+    return int(config.get("server-round", 0)) + int(config.get(ROUND_OFFSET, 0))  # type: ignore[call-overload]
 
 
 # Fault injection for resilience tests and drills: sites named here fail every
@@ -35,16 +42,23 @@ def _round(msg: Message) -> int:
 FAULT_ENV = "FEDLENS_INJECT_FAULT"
 
 
-def _train(site: Site, msg: Message, node_config: dict[str, object], state_root: Path | None) -> Message:
+def _site_update(
+    site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, node_config: dict[str, object], state_root: Path | None, flower_run: int
+) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+    """One round of local training: the site's budget decision, DP-SGD, the ledger."""
     if site.name in os.environ.get(FAULT_ENV, "").split(","):
         raise RuntimeError(f"injected fault at {site.name} ({FAULT_ENV})")
     cfg = site.task.cfg
-    config = msg.content.config_records.get("config", ConfigRecord())
-    rnd = _round(msg)
-    run_id = str(config.get(RUN_ID, msg.metadata.run_id))
-    plan, ledger = None, None
+    rnd = _round(config)
+    run_id = str(config.get(RUN_ID, flower_run))
+    plan, ledger, outbox, digest = None, None, None, ""
     if cfg.dp:
         budget, ledger = site_privacy(site, node_config, state_root=state_root)
+        outbox, digest = UpdateOutbox(ledger.state_dir), state_digest(state)
+        sent = outbox.get(run_id=run_id, round=rnd, digest=digest)
+        if sent is not None:  # the server lost our reply: re-send it, at no new privacy cost
+            _log.info("%s: round %d was already trained from this model; re-sending that update", site.name, rnd)
+            return sent
         # Decide before training: a refused round spends nothing.
         plan = plan_round(ledger, budget, DPRequest.from_config(cfg, run_id), num_examples=len(site.train), site=site.name)
     elif not site.simulated and not site_privacy(site, node_config, state_root=state_root)[0].allow_non_private:
@@ -52,22 +66,21 @@ def _train(site: Site, msg: Message, node_config: dict[str, object], state_root:
             f"{site.name} refuses to train without differential privacy (the run has dp = false); "
             "only a site started with allow-non-private=true joins non-private runs"
         )
-    site.task.load_trainable(msg.content["arrays"].to_torch_state_dict())
+    site.task.load_trainable(state)
     stats = site.task.train(
         site.train,
         epochs=cfg.local_epochs,
         seed=site_seed(cfg.seed, rnd, site.name),
         lr=site.task.round_lr(rnd),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         dp=plan.dp if plan else None,
     )
-    metrics: dict[str, float | int] = {
-        NUM_EXAMPLES: stats.num_examples,
+    metrics: dict[str, float] = {
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
         "train-seconds": stats.seconds,
-        "dp": int(plan is not None),
-        UNIT_WEIGHT: 1,
+        "dp": float(plan is not None),
+        UNIT_WEIGHT: 1.0,
     }
     if plan is not None and ledger is not None:
         # The ledger is on disk before the update leaves the site.
@@ -81,14 +94,26 @@ def _train(site: Site, msg: Message, node_config: dict[str, object], state_root:
                 "delta": entry.delta,
                 "noise-multiplier": entry.noise_multiplier,
                 "sample-rate": entry.sample_rate,
-                "dp-steps": ledger.steps(run_id),
+                "dp-steps": float(ledger.steps(run_id)),
             }
         )
+    update = site.task.trainable_state()
+    if outbox is not None:
+        outbox.put(run_id=run_id, round=rnd, digest=digest, state=update, num_examples=stats.num_examples, metrics=metrics)
+    return update, stats.num_examples, metrics
+
+
+def _train(site: Site, msg: Message, node_config: dict[str, object], state_root: Path | None) -> Message:
+    config = msg.content.config_records.get("config", ConfigRecord())
+    state, num_examples, metrics = _site_update(
+        site, msg.content["arrays"].to_torch_state_dict(), config,
+        node_config=node_config, state_root=state_root, flower_run=msg.metadata.run_id,
+    )  # fmt: skip
     content = RecordDict(
         {
-            "arrays": ArrayRecord(site.task.trainable_state()),
-            "metrics": MetricRecord(metrics),
-            SITE_RECORD: ConfigRecord({"name": site.name, "accountant": plan.accountant if plan else "none"}),
+            "arrays": ArrayRecord(state),
+            "metrics": MetricRecord({NUM_EXAMPLES: num_examples, **metrics}),
+            SITE_RECORD: ConfigRecord({"name": site.name}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -130,6 +155,15 @@ def build_client_app(cfg: FedConfig | None = None, *, state_root: str | Path | N
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if is_secagg_message(msg):  # secure aggregation: the legacy path, behind client.secagg
+            site = site_for(context)
+
+            def update(state: dict[str, torch.Tensor], config: dict[str, object]) -> tuple[dict[str, torch.Tensor], int, dict[str, float], str]:
+                out = _site_update(site, state, config, node_config=dict(context.node_config), state_root=root_for(context), flower_run=context.run_id)
+                return (*out, site.name)
+
+            return handle_secagg(msg, context, update)
+
         def inner(msg: Message, context: Context) -> Message:
             return _train(site_for(context), msg, dict(context.node_config), root_for(context))
 

@@ -27,7 +27,7 @@ from shared.rundir import RunDir
 from shared.task import Task
 
 from .central_dp import central_summary
-from .guard import AllSitesFailed, RunStopped, SiteGuard, last_line
+from .guard import AllSitesFailed, RoundReport, RunStopped, SiteGuard, is_refusal, last_line
 from .strategies import build_strategy
 
 __all__ = ["app", "build_server_app", "serve", "privacy_summary", "AllSitesFailed"]
@@ -101,15 +101,18 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
     if remaining > 0:
         offset = {ROUND_OFFSET: done, RUN_ID: run.run_id}
         try:
-            guard.start(
-                grid=grid,
-                initial_arrays=ArrayRecord(task.trainable_state()),
-                num_rounds=remaining,
-                timeout=cfg.round_timeout,
-                train_config=ConfigRecord(dict(offset)),
-                evaluate_config=ConfigRecord(dict(offset)),
-                evaluate_fn=evaluate_fn,
-            )
+            if cfg.secagg:
+                _run_secagg(grid, cfg, guard, task, offset, remaining, evaluate_fn)
+            else:
+                guard.start(
+                    grid=grid,
+                    initial_arrays=ArrayRecord(task.trainable_state()),
+                    num_rounds=remaining,
+                    timeout=cfg.round_timeout,
+                    train_config=ConfigRecord(dict(offset)),
+                    evaluate_config=ConfigRecord(dict(offset)),
+                    evaluate_fn=evaluate_fn,
+                )
         except (RunStopped, PrivacyBudgetExhausted) as exc:
             stopped = str(exc) if isinstance(exc, RunStopped) else f"central privacy budget: {exc}"
             _log.warning("run stopped early: %s", stopped)
@@ -123,6 +126,41 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
         _log.warning("this run was NOT differentially private: %s", summary["privacy"]["reason"])
     run.finish(summary, stopped_early=stopped)
     return summary
+
+
+# SecAgg+ scales each site's values by num_examples / max_weight before clipping them
+# to +/- secagg-clip-range: 10,000 keeps sites of up to that many images unscaled-up.
+SECAGG_MAX_WEIGHT = 10_000.0
+
+
+def _run_secagg(grid: Grid, cfg: FedConfig, guard: SiteGuard, task: Task, config: dict[str, Any], rounds: int, evaluate_fn: Any) -> None:
+    """FedAvg through SecAgg+ (legacy path, behind server.secagg); outcomes go to ``guard``."""
+    from .secagg import run_secagg_rounds
+
+    def on_round(_rnd: int, metrics: dict[str, dict[str, float]], failures: dict[int, str]) -> None:
+        guard.current = RoundReport()
+        guard.current.train = metrics
+        guard.current.failed = dict(failures)
+
+    try:
+        run_secagg_rounds(
+            grid,
+            initial_arrays=ArrayRecord(task.trainable_state()),
+            num_rounds=rounds,
+            train_config=config,
+            evaluate_fn=evaluate_fn,
+            on_round=on_round,
+            num_shares=cfg.secagg_shares,
+            reconstruction_threshold=cfg.secagg_threshold,
+            clipping_range=cfg.secagg_clip_range,
+            max_weight=SECAGG_MAX_WEIGHT,
+            min_sites=cfg.min_sites,
+            timeout=cfg.round_timeout,
+        )
+    except RuntimeError as exc:
+        if is_refusal(str(exc)):
+            raise RunStopped(f"no site may train any more within its privacy budget: {exc}") from exc
+        raise AllSitesFailed(str(exc)) from exc
 
 
 def _summary(cfg: FedConfig, task: Task, records: list[dict[str, Any]], *, wall: float) -> dict[str, Any]:

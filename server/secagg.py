@@ -50,6 +50,10 @@ PARAM_NAMES_KEY = "secagg-param-names"
 # Flower's SecAgg+ weight cap (its default): a site's contribution is scaled by
 # num_examples / max_weight before clipping to [-clipping_range, clipping_range].
 MAX_WEIGHT = 1000.0
+# Flower's default mask modulus. Sums travel modulo this, so both the summed
+# quantised values (sites x quantization_range) and the summed quantised weights
+# must stay below it, or the aggregate wraps around without any error.
+MODULUS = 2**32
 # How long to wait for ``min_sites`` sites to connect when no ``timeout`` is given.
 _CONNECT_WAIT_S = 60.0
 
@@ -181,6 +185,7 @@ def run_secagg_rounds(
     reconstruction_threshold: int = 2,
     clipping_range: float = 8.0,
     quantization_range: int = 4194304,
+    max_weight: float = MAX_WEIGHT,
     min_sites: int = 2,
     timeout: float | None = None,
 ) -> ArrayRecord:
@@ -204,7 +209,7 @@ def run_secagg_rounds(
     evaluate_fn : callable
         ``evaluate_fn(round, arrays)`` after each round, with the aggregated arrays.
     on_round : callable, optional
-        ``on_round(round, per_site_metrics, failures)`` after ``evaluate_fn``:
+        ``on_round(round, per_site_metrics, failures)`` before ``evaluate_fn``:
         each aggregated site's numeric reply metrics (plus ``"num-examples"``) by
         site name, and the reason by node id for every site that failed or did
         not answer in some stage of the round.
@@ -218,6 +223,9 @@ def run_secagg_rounds(
         quantisation (the site refuses rather than clip silently).
     quantization_range : int, default 2**22
         Quantisation levels over ``[-clipping_range, clipping_range]``.
+    max_weight : float, default 1000
+        A site's values are scaled by ``num_examples / max_weight`` before clipping;
+        pick it near the largest site so values stay inside the clipping range.
     min_sites : int, default 2
         Sites that must be connected at the start of each round.
     timeout : float, optional
@@ -258,7 +266,8 @@ def run_secagg_rounds(
     workflow = SecAggPlusWorkflow(
         num_shares,
         reconstruction_threshold,
-        max_weight=MAX_WEIGHT,
+        max_weight=max_weight,
+        modulus_range=MODULUS,
         clipping_range=clipping_range,
         quantization_range=quantization_range,
         timeout=timeout,
@@ -267,6 +276,11 @@ def run_secagg_rounds(
     arrays = initial_arrays
     for rnd in range(1, num_rounds + 1):
         sites = _register_sites(observed, context.client_manager, min_sites, timeout or _CONNECT_WAIT_S)
+        if sites * quantization_range >= MODULUS:
+            raise RuntimeError(
+                f"round {rnd}: {sites} sites x quantization_range {quantization_range} would overflow the "
+                f"SecAgg+ modulus 2**32; lower quantization_range below {MODULUS // sites}"
+            )
         _log.info("round %d/%d: secure aggregation over %d sites", rnd, num_rounds, sites)
         before = compat.parameters_to_arrayrecord(ndarrays_to_parameters(current), keep_input=True)
         context.state.array_records[MAIN_PARAMS_RECORD] = before
@@ -285,13 +299,20 @@ def run_secagg_rounds(
                 f"({len(observed.round.metrics)} of {sites} sent masked updates; a site needs "
                 f"{reconstruction_threshold} live neighbours). Failures: {_failure_text(observed.round.failures)}"
             )
+        weight_levels = sum(round(m[NUM_EXAMPLES] / max_weight * quantization_range) for m in observed.round.metrics.values())
+        if weight_levels >= MODULUS:
+            raise RuntimeError(
+                f"round {rnd}: the sites' examples ({sum(m[NUM_EXAMPLES] for m in observed.round.metrics.values()):.0f}) "
+                f"overflow SecAgg+'s weight total (limit {MODULUS / quantization_range * max_weight:.0f} with "
+                f"quantization_range {quantization_range}); the aggregate is invalid"
+            )
         aggregated = parameters_to_ndarrays(compat.arrayrecord_to_parameters(after, keep_input=True))
         current = [np.ascontiguousarray(a, dtype=d) for a, d in zip(aggregated, dtypes, strict=True)]
         arrays = ArrayRecord({n: torch.from_numpy(a) for n, a in zip(names, current, strict=True)})
         for node, reason in observed.round.failures.items():
             _log.warning("round %d: node %d failed: %s", rnd, node, reason.strip().splitlines()[-1])
+        if on_round is not None:  # before evaluate_fn, which may record the sites' metrics
+            on_round(rnd, dict(observed.round.metrics), dict(observed.round.failures))
         metrics = evaluate_fn(rnd, arrays)
         _log.info("round %d/%d done: %d sites aggregated; server metrics %s", rnd, num_rounds, len(observed.round.metrics), dict(metrics or {}))
-        if on_round is not None:
-            on_round(rnd, dict(observed.round.metrics), dict(observed.round.failures))
     return arrays

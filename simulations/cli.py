@@ -100,10 +100,21 @@ def _cmd_privacy_show(args: argparse.Namespace) -> int:
 
 def _print_result(summary: dict[str, object], out: str | Path) -> None:
     acc, f1 = summary.get("final_accuracy"), summary.get("final_macro_f1")
-    print(
-        f"final accuracy {acc:.4f}  macro-F1 {f1:.4f}  ({summary['rounds']} rounds, "
-        f"{summary['wall_seconds']:.0f}s)\nartifacts: {Path(out).resolve()}"
-    )
+    accuracy = f"final accuracy {acc:.4f}  macro-F1 {f1:.4f}" if acc is not None else "no round completed"
+    print(f"{accuracy}  ({summary['rounds']} rounds, {summary['wall_seconds']:.0f}s)")
+    privacy = summary.get("privacy")
+    if isinstance(privacy, dict):
+        if privacy.get("private"):
+            eps = privacy.get("max_site_epsilon")
+            print(f"private: DP-SGD at every site, max site epsilon {eps:.3f} at delta {privacy['sample_level']['delta']:g}")
+        else:
+            print(f"NOT PRIVATE: {privacy.get('reason')}")
+        if "central" in privacy:
+            c = privacy["central"]
+            print(f"central DP ({c['mode']} clipping): epsilon {c['epsilon']:.3f} of {c['budget_epsilon']:g} at delta {c['delta']:g}")
+    if summary.get("stopped_early"):
+        print(f"stopped early: {summary['stopped_early']}")
+    print(f"artifacts: {Path(out).resolve()}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -110,8 +110,20 @@ def test_killed_run_resumes_from_its_last_completed_round(tmp_path, cache_dir):
     assert resumed.returncode == 0, output
     rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3]
-    assert json.loads((out / "summary.json").read_text())["rounds"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3
     assert f"resuming after round {done}" in output
+    # The sites' privacy ledgers survived the kill: same run, history carried, nothing reset.
+    from shared.privacy import PrivacyLedger
+
+    run_id = (out / "run-id").read_text().strip()
+    for site in ("site-0", "site-1"):
+        entries = PrivacyLedger(out / "sites" / site).entries()
+        assert {e.run_id for e in entries} == {run_id}
+        assert {1, 2, 3} <= {e.round for e in entries}  # a round re-run after the kill is recorded again
+        assert len({e.noise_multiplier for e in entries}) == 1  # calibrated once for the run
+        assert [e.epsilon for e in entries] == sorted(e.epsilon for e in entries)
+        assert summary["privacy"]["sites"][site]["epsilon"] == entries[-1].epsilon
 
 
 def test_cli_reports_bad_config_without_starting(tmp_path):

@@ -1,0 +1,79 @@
+"""DP hyper-parameter sweep: final test accuracy per (variant, epsilon), without Flower.
+
+Each cell is a full federated run (partition, rounds, DP-SGD at every site with
+its budget and ledger) done by ``benchmarks/_plain.py`` in one process, so cells
+can run in parallel (``--jobs``) and on a GPU machine without Flower installed.
+Use it to choose settings; the privacy-utility table itself comes from
+``benchmarks/privacy_utility.py`` (real Flower simulation).
+
+    python benchmarks/dp_tuning.py --epsilons 3,8 \
+        --variant "adam:optimizer=adam,lr=0.001" --variant "sgd:optimizer=sgd,lr=0.05" [--jobs 4]
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+from _common import config, parser, result, setup_logging
+from _plain import plain_fedavg
+
+from shared.config import FedConfig, parse_overrides
+from shared.data import load_dataset
+from shared.task import Task
+
+
+def _variant(text: str) -> tuple[str, dict[str, object]]:
+    name, _, body = text.partition(":")
+    return name, parse_overrides([item for item in body.split(",") if item]) if body else {}
+
+
+def _cell(args: tuple[dict[str, object], str, float]) -> tuple[str, float, float, float, float]:
+    cfg_dict, name, epsilon = args
+    cfg = FedConfig.from_mapping(cfg_dict)
+    if epsilon > 0:
+        cfg = FedConfig.from_mapping({"dp": True, "target-epsilon": epsilon}, base=cfg)
+    else:
+        cfg = FedConfig.from_mapping({"dp": False}, base=cfg)
+    res = plain_fedavg(cfg, site_eval=False)
+    print(f"  {name:<18} eps {epsilon if epsilon > 0 else 'inf':>5}  acc {res.accuracy:.4f}  "
+          f"(curve {' '.join(f'{a:.3f}' for a in res.accuracies[::max(1, len(res.accuracies) // 5)])})  "
+          f"max eps {res.max_epsilon:.3f}  {res.wall_s:.0f}s", flush=True)  # fmt: skip
+    return name, epsilon, res.accuracy, res.max_epsilon, res.wall_s
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--epsilons", default="3,8", help="comma list; 0 = non-private")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V", help="settings to try (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
+    args = p.parse_args()
+    setup_logging()
+    base = config(args)
+    variants = [_variant(v) for v in (args.variant or ["default:"])]
+    # Warm the feature cache once before the workers start.
+    train, test = load_dataset(base)
+    task = Task(base, train.num_classes)
+    task.prepare(train, for_training=True)
+    task.prepare(test, for_training=False)
+    del task
+    cells = []
+    for name, overrides in variants:
+        cfg = FedConfig.from_mapping(overrides, base=base)
+        for eps in (float(e) for e in args.epsilons.split(",")):
+            cells.append((cfg.to_dict(), name, eps))
+    started = time.monotonic()
+    if args.jobs > 1:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            rows = pool.map(_cell, cells, chunksize=1)
+    else:
+        rows = [_cell(c) for c in cells]
+    print(f"{'variant':<18} {'epsilon':>7} {'accuracy':>9} {'spent':>7} {'wall s':>7}")
+    for name, eps, acc, spent, wall in rows:
+        print(f"{name:<18} {eps if eps > 0 else 'inf':>7} {acc:>9.4f} {spent:>7.3f} {wall:>7.0f}")
+    best = max(rows, key=lambda r: r[2])
+    result(cells=len(rows), best_variant=best[0], best_epsilon=best[1], best_accuracy=best[2], wall_s=time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()

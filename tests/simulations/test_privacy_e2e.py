@@ -1,0 +1,93 @@
+"""Privacy end to end on the real simulation engine: summaries, ledgers, refusals, central DP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.config import FedConfig
+from shared.privacy import PrivacyLedger, epsilon_of
+from simulations.runner import simulate
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "num-sites": 2,
+    "num-rounds": 2,
+    "max-train-images": 600,
+    "max-test-images": 200,
+    "image-size": 32,
+    "partition": "iid",
+    "batch-size": 16,
+    "target-epsilon": 3.0,
+}
+
+
+def _cfg(cache_dir: str, **extra) -> FedConfig:
+    return FedConfig.from_mapping({**TINY, "cache-dir": cache_dir, **extra})
+
+
+def test_private_run_reports_per_site_epsilon_that_anyone_can_recompute(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    summary = simulate(_cfg(cache_dir), out)
+    privacy = summary["privacy"]
+    assert summary["private"] is True and privacy["private"] is True
+    assert set(privacy["sites"]) == {"site-0", "site-1"}
+    for site, facts in privacy["sites"].items():
+        # The run used most of the target, and never more.
+        assert 0.9 * 3.0 <= facts["epsilon"] <= 3.0
+        history = [(facts["noise_multiplier"], facts["sample_rate"], facts["steps"])]
+        assert epsilon_of(history, delta=facts["delta"], accountant="rdp") == pytest.approx(facts["epsilon"], rel=1e-9)
+        # A second accountant (PRV, near-tight) agrees within the known RDP slack.
+        prv = epsilon_of(history, delta=facts["delta"], accountant="prv")
+        assert prv <= facts["epsilon"] <= 1.5 * prv
+        entries = PrivacyLedger(out / "sites" / site).entries()
+        assert [e.round for e in entries] == [1, 2]
+        assert entries[-1].epsilon == facts["epsilon"] and sum(e.steps for e in entries) == facts["steps"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    eps = [r["privacy"]["site_epsilon"]["site-0"] for r in records]
+    assert eps[0] < eps[1]  # cumulative, carried across rounds
+
+
+def test_a_site_out_of_budget_declines_and_the_run_goes_on(tmp_path, cache_dir):
+    # site-1's own budget only covers part of the run: it refuses the round that would exceed it.
+    summary = simulate(_cfg(cache_dir, **{"site-budgets": "site-1=0.05", "min-sites": 1, "num-rounds": 3}), tmp_path / "run")
+    assert summary["rounds"] == 3 and "stopped_early" not in summary
+    assert summary["privacy"]["sites"]["site-1"]["epsilon"] <= 0.05
+    assert any("BudgetExceeded" in reason for reason in summary["site_failures"]["site-1"])
+    assert summary["privacy"]["sites"]["site-0"]["epsilon"] <= 3.0
+
+
+def test_no_site_may_train_ends_the_run_cleanly_with_the_reason(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    # Noise is calibrated for 2 rounds; a resumed run asking for more must stop, not overspend.
+    simulate(_cfg(cache_dir), out)
+    cfg_path = out / "config.toml"
+    cfg_path.write_text(cfg_path.read_text().replace("num-rounds = 2", "num-rounds = 4"))
+    (out / "status.json").write_text('{"status": "running"}')
+    summary = simulate(FedConfig(), out, resume=True)
+    assert "privacy budget" in summary["stopped_early"]
+    assert summary["rounds"] == 2
+    assert json.loads((out / "status.json").read_text())["status"] == "finished"
+    for site in ("site-0", "site-1"):
+        assert PrivacyLedger(out / "sites" / site).spent(summary["privacy"]["run_id"] if "run_id" in summary["privacy"] else (out / "run-id").read_text().strip()) <= 3.0
+
+
+def test_non_private_run_says_so(tmp_path, cache_dir, caplog):
+    summary = simulate(_cfg(cache_dir, dp=False, **{"num-rounds": 1}), tmp_path / "run")
+    assert summary["private"] is False
+    assert "dp = false" in summary["privacy"]["reason"]
+    assert not (tmp_path / "run" / "sites").exists()
+    assert "NOT differentially private" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_central_dp_stops_before_its_budget_is_exceeded(tmp_path, cache_dir, mode):
+    # With noise 2 and no amplification, one release costs ~ 2.6 epsilon at delta 1e-3: a budget of 4 allows one round.
+    summary = simulate(
+        _cfg(cache_dir, **{"central-dp": mode, "central-noise": 2.0, "central-epsilon": 4.0, "num-rounds": 3}), tmp_path / "run"
+    )
+    central = summary["privacy"]["central"]
+    assert summary["rounds"] == 1 and "central privacy budget" in summary["stopped_early"]
+    assert 0 < central["epsilon"] <= 4.0 and central["releases"] == 1
