@@ -70,8 +70,9 @@ def test_no_site_may_train_ends_the_run_cleanly_with_the_reason(tmp_path, cache_
     assert "privacy budget" in summary["stopped_early"]
     assert summary["rounds"] == 2
     assert json.loads((out / "status.json").read_text())["status"] == "finished"
+    run_id = (out / "run-id").read_text().strip()
     for site in ("site-0", "site-1"):
-        assert PrivacyLedger(out / "sites" / site).spent(summary["privacy"]["run_id"] if "run_id" in summary["privacy"] else (out / "run-id").read_text().strip()) <= 3.0
+        assert PrivacyLedger(out / "sites" / site).spent(run_id) <= 3.0
 
 
 def test_non_private_run_says_so(tmp_path, cache_dir, caplog):
@@ -91,3 +92,11 @@ def test_central_dp_stops_before_its_budget_is_exceeded(tmp_path, cache_dir, mod
     central = summary["privacy"]["central"]
     assert summary["rounds"] == 1 and "central privacy budget" in summary["stopped_early"]
     assert 0 < central["epsilon"] <= 4.0 and central["releases"] == 1
+
+
+def test_secure_aggregation_run_is_complete_and_private(tmp_path, cache_dir):
+    summary = simulate(_cfg(cache_dir, secagg=True, **{"num-sites": 3, "min-sites": 3}), tmp_path / "run")
+    assert summary["rounds"] == 2 and summary["private"] is True
+    assert summary["privacy"]["secure_aggregation"] is True
+    assert set(summary["privacy"]["sites"]) == {"site-0", "site-1", "site-2"}
+    assert 0.0 < summary["final_accuracy"] <= 1.0
