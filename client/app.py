@@ -122,10 +122,10 @@ def _train(site: Site, msg: Message, node_config: dict[str, object], state_root:
 def _evaluate(site: Site, msg: Message) -> Message:
     site.task.load_trainable(msg.content["arrays"].to_torch_state_dict())
     if len(site.eval) == 0:
-        metrics = {NUM_EXAMPLES: 0, "accuracy": 0.0, "loss": 0.0, "macro_f1": 0.0}
+        metrics = {NUM_EXAMPLES: 0, UNIT_WEIGHT: 1, "accuracy": 0.0, "loss": 0.0, "macro_f1": 0.0}
     else:
         report = site.task.evaluate(site.eval)
-        metrics = {NUM_EXAMPLES: report.num_examples, "accuracy": report.accuracy, "loss": report.loss, "macro_f1": report.macro_f1}
+        metrics = {NUM_EXAMPLES: report.num_examples, UNIT_WEIGHT: 1, "accuracy": report.accuracy, "loss": report.loss, "macro_f1": report.macro_f1}
     content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
 
