@@ -71,6 +71,7 @@ class FedConfig:
     policy: str = _opt("last-1", "fine-tune policy: head, last-N or full")
     # 96 px: Fashion-MNIST is 28 px, but ImageNet features need a 3x3 final map to
     # tell shirts from pullovers (64 px gave ~87 %, 96 px ~91 % centrally).
+    lora_rank: int = _opt(0, "train rank-r low-rank adapters instead of the trainable 1x1 convolutions (0 = train them fully)")
     image_size: int = _opt(96, "side length images are resized to")
     augment: str = _opt("none", "training augmentation: none or a comma list of flip, crop, color")
     # --- optimisation -----------------------------------------------------------
@@ -221,6 +222,7 @@ def _check_ranges(cfg: FedConfig) -> None:
     need(0.0 <= cfg.trim_beta < 0.5, f"`trim-beta` must be in [0, 0.5), got {cfg.trim_beta}")
     need(cfg.krum_byzantine >= 0, f"`krum-byzantine` must be >= 0, got {cfg.krum_byzantine}")
     need(cfg.round_timeout > 0.0, f"`round-timeout` must be > 0 seconds, got {cfg.round_timeout}")
+    need(cfg.lora_rank >= 0, f"`lora-rank` must be >= 0 (0 = off), got {cfg.lora_rank}")
     need(16 <= cfg.image_size <= 1024, f"`image-size` must be in [16, 1024], got {cfg.image_size}")
     need(cfg.local_epochs >= 1, f"`local-epochs` must be at least 1, got {cfg.local_epochs}")
     need(cfg.batch_size >= 1, f"`batch-size` must be at least 1, got {cfg.batch_size}")

@@ -22,6 +22,7 @@ from .privacy.dpsgd import DPSGD, PlainStepper, Stepper
 from .metrics import ClassificationReport, classification_report
 from .models import (
     FedModel,
+    apply_low_rank,
     apply_policy,
     create_model,
     get_backbone,
@@ -117,9 +118,11 @@ class Task:
             self.model: FedModel = create_model(
                 cfg.backbone, num_classes=num_classes, pretrained=cfg.pretrained, weights_path=cfg.weights_path or None
             )
-        self.num_classes = num_classes
-        self.policy = parse_policy(cfg.policy)
-        self.cut = apply_policy(self.model, self.policy)
+            self.num_classes = num_classes
+            self.policy = parse_policy(cfg.policy)
+            self.cut = apply_policy(self.model, self.policy)
+            if cfg.lora_rank:  # seeded too: server and sites start from the same adapters
+                apply_low_rank(self.model, self.cut, cfg.lora_rank)
         self.model.to(self.device)
         if self.device.type == "cpu":
             # Depthwise convolutions run ~1.5x faster channels-last on CPU.

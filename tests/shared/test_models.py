@@ -175,3 +175,21 @@ def test_missing_weights_file_is_an_error_not_random_weights(tmp_path):
         create_model("mobilenet_v3_small", num_classes=10, weights_path=str(tmp_path / "nope.pth"))
     with pytest.raises(ConfigError, match="pretrained = false"):
         create_model("resnet18", num_classes=10, pretrained=False, weights_path="x.pth")
+
+
+def test_low_rank_adapters_start_from_the_pretrained_function_and_train_few_numbers():
+    from shared.config import FedConfig
+    from shared.privacy import resolve_dp_mode
+    from shared.task import Task
+
+    plain = Task(FedConfig(image_size=32, device="cpu"), 3)
+    adapted = Task(FedConfig(image_size=32, device="cpu", lora_rank=8), 3)
+    x = torch.randn(2, 320, 1, 1)
+    plain.model.eval()
+    adapted.model.eval()
+    with torch.no_grad():  # the zero-initialised up-projection leaves the function unchanged
+        torch.testing.assert_close(plain.head[0](x), adapted.head[0](x))
+    sizes = {k: v.numel() for k, v in adapted.trainable_state().items()}
+    assert sum(sizes.values()) == 8 * 320 + 1280 * 8 + 3 * 1280 + 3
+    assert not any("base" in k for k in sizes)  # the pretrained convolution stays frozen and home
+    assert resolve_dp_mode(adapted.head, "auto") == "book-keeping"
