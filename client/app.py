@@ -75,13 +75,12 @@ def _site_update(
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         dp=plan.dp if plan else None,
     )
-    metrics: dict[str, float] = {
-        "train-loss": stats.loss,
-        "train-accuracy": stats.accuracy,
-        "train-seconds": stats.seconds,
-        "dp": float(plan is not None),
-        UNIT_WEIGHT: 1.0,
-    }
+    metrics: dict[str, float] = {"train-seconds": stats.seconds, "dp": float(plan is not None), UNIT_WEIGHT: 1.0}
+    if plan is None:
+        # Loss and accuracy on the training images are exact statistics of them, not
+        # covered by DP-SGD: a private site keeps them to itself (it logs them).
+        metrics.update({"train-loss": stats.loss, "train-accuracy": stats.accuracy})
+    _log.info("%s round %d: train loss %.4f, accuracy %.4f, %d steps", site.name, rnd, stats.loss, stats.accuracy, stats.steps)
     if plan is not None and ledger is not None:
         # The ledger is on disk before the update leaves the site.
         entry = ledger.record(

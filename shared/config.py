@@ -84,6 +84,7 @@ class FedConfig:
     lr: float = _opt(0.001, "site learning rate")
     lr_decay: float = _opt(0.9, "multiply the site learning rate by this after every round, in (0, 1]")
     momentum: float = _opt(0.9, "SGD momentum, in [0, 1)")
+    adam_eps: float = _opt(1e-8, "Adam's epsilon; under DP-SGD a value near the noise level (1e-3 to 1e-2) keeps Adam from amplifying noise")
     weight_decay: float = _opt(0.0, "L2 weight decay of the site optimiser")
     # --- privacy: sample-level DP-SGD at every site ------------------------------
     dp: bool = _opt(True, "train with DP-SGD at every site (false = NOT private, said loudly)")
@@ -228,6 +229,7 @@ def _check_ranges(cfg: FedConfig) -> None:
     need(cfg.batch_size >= 1, f"`batch-size` must be at least 1, got {cfg.batch_size}")
     need(cfg.lr > 0.0, f"`lr` must be > 0, got {cfg.lr}")
     need(0.0 < cfg.lr_decay <= 1.0, f"`lr-decay` must be in (0, 1], got {cfg.lr_decay}")
+    need(cfg.adam_eps > 0.0, f"`adam-eps` must be > 0, got {cfg.adam_eps}")
     need(0.0 <= cfg.momentum < 1.0, f"`momentum` must be in [0, 1), got {cfg.momentum}")
     need(cfg.weight_decay >= 0.0, f"`weight-decay` must be >= 0, got {cfg.weight_decay}")
     if cfg.dp:

@@ -257,7 +257,7 @@ class Task:
         """The configured site optimiser over ``params``."""
         cfg = self.cfg
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+            return torch.optim.Adam(params, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def round_lr(self, round: int) -> float:
