@@ -19,7 +19,8 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from shared.config import FedConfig
-from shared.privacy import BudgetExceeded, DPRequest, plan_round
+from shared.privacy import DPRequest, PrivacyLedger, RoundPlan, SiteRefusal, plan_round
+from shared.privacy.budget import allows_non_private
 from shared.privacy.outbox import UpdateOutbox, state_digest
 from shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
 from shared.task import site_seed
@@ -45,15 +46,25 @@ FAULT_ENV = "FEDLENS_INJECT_FAULT"
 def _site_update(
     site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, node_config: dict[str, object], state_root: Path | None, flower_run: int
 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
-    """One round of local training: the site's budget decision, DP-SGD, the ledger."""
+    """One round of local training: the site's budget decision, DP-SGD, the ledger.
+
+    Under DP the site's ledger is locked from the budget check to the ledger entry,
+    so two runs sharing a site cannot both pass the check and overspend together.
+    """
     if site.name in os.environ.get(FAULT_ENV, "").split(","):
         raise RuntimeError(f"injected fault at {site.name} ({FAULT_ENV})")
     cfg = site.task.cfg
     rnd = _round(config)
     run_id = str(config.get(RUN_ID, flower_run))
-    plan, ledger, outbox, digest = None, None, None, ""
-    if cfg.dp:
-        budget, ledger = site_privacy(site, node_config, state_root=state_root)
+    if not cfg.dp:
+        if not site.simulated and not allows_non_private(node_config):
+            raise SiteRefusal(
+                f"{site.name} refuses to train without differential privacy (the run has dp = false); "
+                "only a site started with allow-non-private=true joins non-private runs"
+            )
+        return _train_locally(site, state, config, rnd=rnd, run_id=run_id, plan=None, ledger=None)
+    budget, ledger = site_privacy(site, node_config, state_root=state_root)
+    with ledger.lock():
         outbox, digest = UpdateOutbox(ledger.state_dir), state_digest(state)
         sent = outbox.get(run_id=run_id, round=rnd, digest=digest)
         if sent is not None:  # the server lost our reply: re-send it, at no new privacy cost
@@ -61,11 +72,15 @@ def _site_update(
             return sent
         # Decide before training: a refused round spends nothing.
         plan = plan_round(ledger, budget, DPRequest.from_config(cfg, run_id), num_examples=len(site.train), site=site.name)
-    elif not site.simulated and not site_privacy(site, node_config, state_root=state_root)[0].allow_non_private:
-        raise BudgetExceeded(
-            f"{site.name} refuses to train without differential privacy (the run has dp = false); "
-            "only a site started with allow-non-private=true joins non-private runs"
-        )
+        update, num_examples, metrics = _train_locally(site, state, config, rnd=rnd, run_id=run_id, plan=plan, ledger=ledger)
+        outbox.put(run_id=run_id, round=rnd, digest=digest, state=update, num_examples=num_examples, metrics=metrics)
+        return update, num_examples, metrics
+
+
+def _train_locally(
+    site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, rnd: int, run_id: str, plan: RoundPlan | None, ledger: PrivacyLedger | None
+) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+    cfg = site.task.cfg
     site.task.load_trainable(state)
     stats = site.task.train(
         site.train,
@@ -74,32 +89,32 @@ def _site_update(
         lr=site.task.round_lr(rnd),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
         dp=plan.dp if plan else None,
+        # DP noise comes from the site's own entropy unless the run asks to be repeatable
+        # (then it is reported as not private: the server could rebuild the noise).
+        dp_seed=site_seed(cfg.seed, rnd, site.name) + 7919 if cfg.dp_reproducible else None,
     )
-    metrics: dict[str, float] = {"train-seconds": stats.seconds, "dp": float(plan is not None), UNIT_WEIGHT: 1.0}
-    if plan is None:
-        # Loss and accuracy on the training images are exact statistics of them, not
-        # covered by DP-SGD: a private site keeps them to itself (it logs them).
-        metrics.update({"train-loss": stats.loss, "train-accuracy": stats.accuracy})
     _log.info("%s round %d: train loss %.4f, accuracy %.4f, %d steps", site.name, rnd, stats.loss, stats.accuracy, stats.steps)
-    if plan is not None and ledger is not None:
-        # The ledger is on disk before the update leaves the site.
-        entry = ledger.record(
-            run_id=run_id, round=rnd, noise_multiplier=plan.dp.noise_multiplier, sample_rate=plan.dp.sample_rate,
-            steps=plan.steps, delta=plan.delta, accountant=plan.accountant,
-        )  # fmt: skip
-        metrics.update(
-            {
-                "epsilon": entry.epsilon,
-                "delta": entry.delta,
-                "noise-multiplier": entry.noise_multiplier,
-                "sample-rate": entry.sample_rate,
-                "dp-steps": float(ledger.steps(run_id)),
-            }
-        )
-    update = site.task.trainable_state()
-    if outbox is not None:
-        outbox.put(run_id=run_id, round=rnd, digest=digest, state=update, num_examples=stats.num_examples, metrics=metrics)
-    return update, stats.num_examples, metrics
+    metrics: dict[str, float] = {"dp": float(plan is not None), UNIT_WEIGHT: 1.0}
+    if plan is None or ledger is None:
+        # Loss, accuracy and timing of training are exact statistics of the training
+        # images, not covered by DP-SGD: a private site keeps them to itself (it logs them).
+        metrics.update({"train-loss": stats.loss, "train-accuracy": stats.accuracy, "train-seconds": stats.seconds})
+        return site.task.trainable_state(), stats.num_examples, metrics
+    # The ledger is on disk before the update leaves the site.
+    entry = ledger.record(
+        run_id=run_id, round=rnd, noise_multiplier=plan.dp.noise_multiplier, sample_rate=plan.dp.sample_rate,
+        steps=plan.steps, delta=plan.delta, accountant=plan.accountant,
+    )  # fmt: skip
+    metrics.update(
+        {
+            "epsilon": entry.epsilon,
+            "delta": entry.delta,
+            "noise-multiplier": entry.noise_multiplier,
+            "sample-rate": entry.sample_rate,
+            "dp-steps": float(ledger.steps(run_id)),
+        }
+    )
+    return site.task.trainable_state(), stats.num_examples, metrics
 
 
 def _train(site: Site, msg: Message, node_config: dict[str, object], state_root: Path | None) -> Message:

@@ -66,7 +66,7 @@ def _folder(cfg_json: str, data_path: str, name: str) -> tuple[Task, LocalData, 
 
 def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
     """The site described by Flower's ``node_config`` under ``cfg``."""
-    if "partition-id" in node_config:
+    if _is_simulated(node_config):
         site_id = int(node_config["partition-id"])  # type: ignore[arg-type]
         total = int(node_config.get("num-partitions", cfg.num_sites))  # type: ignore[arg-type]
         if total != cfg.num_sites:
@@ -85,7 +85,17 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
         name = str(node_config.get("site-name") or "site")
         task, data, labels = _folder(cfg.to_json(), data_path, name)
     train, held = local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
-    return Site(name=name, task=task, train=train, eval=held, simulated="partition-id" in node_config)
+    return Site(name=name, task=task, train=train, eval=held, simulated=_is_simulated(node_config))
+
+
+def _is_simulated(node_config: dict[str, object]) -> bool:
+    """A simulated site has a partition and no site-owned settings.
+
+    A deployed SuperNode may carry ``partition-id`` too (Flower's examples pass it);
+    one that sets its own data path or budget is always treated as a real site.
+    """
+    own = ("data-path", "max-epsilon", "state-dir", "site-name")
+    return "partition-id" in node_config and not any(k in node_config for k in own)
 
 
 def site_privacy(site: Site, node_config: dict[str, object], *, state_root: Path | None) -> tuple[SiteBudget, PrivacyLedger]:

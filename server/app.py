@@ -217,6 +217,8 @@ def privacy_summary(cfg: FedConfig, records: list[dict[str, Any]], *, central: d
             }
     if not cfg.dp:
         reason = "dp = false: sites trained without DP-SGD"
+    elif cfg.dp_reproducible:
+        reason = "dp-reproducible = true: DP noise was seeded from the run config, which the server knows"
     elif non_private:
         reason = f"site(s) {', '.join(sorted(non_private))} trained without DP-SGD"
     elif not sites:
@@ -233,6 +235,7 @@ def privacy_summary(cfg: FedConfig, records: list[dict[str, Any]], *, central: d
             "max_grad_norm": cfg.max_grad_norm,
             "dp_mode": cfg.dp_mode,
             "secure_rng": cfg.secure_rng,
+            "reproducible_noise": cfg.dp_reproducible,
         },
         "sites": dict(sorted(sites.items())),
         "max_site_epsilon": max((s["epsilon"] for s in sites.values()), default=None),

@@ -35,13 +35,13 @@ class RunStopped(Exception):
     """The run ends early for a reason that is not a fault (privacy budgets used up)."""
 
 
-# How a site's refusal to spend more privacy budget shows in its error reply.
-REFUSAL_MARK = "BudgetExceeded"
+# How a site's refusal on privacy grounds shows in its error reply (exception class names).
+REFUSAL_MARKS = ("BudgetExceeded", "SiteRefusal")
 
 
 def is_refusal(reason: str) -> bool:
     """Whether a failure reason is a site declining on privacy grounds (not a crash)."""
-    return REFUSAL_MARK in reason
+    return any(mark in reason for mark in REFUSAL_MARKS)
 
 
 class RoundReport:
@@ -114,14 +114,25 @@ class SiteGuard(Strategy):
         if not any(not m.has_error() for m in replies):
             reasons = "; ".join(f"{k}: {last_line(v)}" for k, v in self.round_failures().items())
             if self.current.failed and all(is_refusal(v) for v in self.current.failed.values()):
-                raise RunStopped(f"round {server_round}: no site may train any more within its privacy budget ({reasons})")
+                raise RunStopped(f"round {server_round}: every sampled site declined on privacy grounds ({reasons})")
             raise AllSitesFailed(
                 f"round {server_round}: none of the {len(self._sent)} sampled sites returned an update"
                 + (f" ({reasons})" if reasons else "")
             )
         arrays, metrics = self.inner.aggregate_train(server_round, replies)
         if arrays is None:
-            raise AllSitesFailed(f"round {server_round}: the strategy could not aggregate the site updates")
+            # Flower's accounted central-DP wrappers refuse to aggregate unless every
+            # sampled site replied: a declining site then ends the run, cleanly.
+            reasons = "; ".join(f"{k}: {last_line(v)}" for k, v in self.round_failures().items())
+            if self.current.failed and all(is_refusal(v) for v in self.current.failed.values()):
+                raise RunStopped(
+                    f"round {server_round}: site(s) declined on privacy grounds and the strategy needs every "
+                    f"sampled site (central DP) ({reasons})"
+                )
+            raise AllSitesFailed(
+                f"round {server_round}: the strategy could not aggregate the site updates"
+                + (f" (failures: {reasons}; central DP needs every sampled site to reply)" if reasons else "")
+            )
         self.current.train_aggregate = dict(metrics or {})
         return arrays, metrics
 

@@ -93,6 +93,7 @@ class FedConfig:
     max_grad_norm: float = _opt(1.0, "per-example gradient clipping bound C of DP-SGD")
     accountant: str = _opt("rdp", "privacy accountant", ACCOUNTANTS)
     dp_mode: str = _opt("auto", "per-example gradient method: auto picks book-keeping when the trainable part allows it, else hooks", DP_MODES)
+    dp_reproducible: bool = _opt(False, "seed DP noise and sampling from the run config (repeatable experiments; whoever knows the config can rebuild the noise, so such runs are reported as NOT private)")
     secure_rng: bool = _opt(False, "cryptographically secure noise and sampling (Opacus secure_mode; needs torchcsprng); use for production runs")
     site_max_epsilon: float = _opt(0.0, "simulation: each simulated site's own epsilon budget (0 = target-epsilon)")
     site_budgets: str = _opt("", "simulation: per-site budgets overriding site-max-epsilon, e.g. \"site-0=2,site-3=0.5\"")
@@ -254,7 +255,11 @@ def _check_ranges(cfg: FedConfig) -> None:
             f"`secagg = true` needs `strategy = \"fedavg\"`: the server only sees the sum of updates, "
             f"so {cfg.strategy!r} (which looks at individual updates or keeps optimiser state) cannot run",
         )
-        need(cfg.central_dp != "server", "`secagg = true` hides individual updates, so the server cannot clip them: use `central-dp = \"client\"`")
+        need(
+            cfg.central_dp == "off",
+            "`secagg = true` cannot be combined with `central-dp` yet: the server only sees the sum, and "
+            "fedlens does not add central noise to a SecAgg+ sum. Choose one (sample-level DP-SGD stays on either way)",
+        )
         need(cfg.secagg_shares >= 2, f"`secagg-shares` must be >= 2, got {cfg.secagg_shares}")
         need(
             1 <= cfg.secagg_threshold <= cfg.secagg_shares,

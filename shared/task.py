@@ -184,6 +184,7 @@ class Task:
         lr: float | None = None,
         proximal_mu: float = 0.0,
         dp: DPSGD | None = None,
+        dp_seed: int | None = None,
     ) -> TrainStats:
         """Local training of the trainable part, private when ``dp`` is given.
 
@@ -203,6 +204,9 @@ class Task:
             needs no per-sample gradient and so composes with DP-SGD.
         dp : DPSGD, optional
             The DP-SGD mechanism; ``None`` trains without privacy.
+        dp_seed : int, optional
+            Seeds DP sampling and noise (reproducible experiments only). Default:
+            fresh OS entropy, so nobody who knows the run config can rebuild the noise.
         """
         import time
 
@@ -219,16 +223,23 @@ class Task:
             batches = self._shuffled(n, epochs, generator)
             stepper: Stepper = PlainStepper(optimizer)
         else:
-            sampling, noise = dp.generators(seed, self.device)
+            sampling, noise = dp.generators(dp_seed, self.device)
             batches = dp.batches(n, epochs=epochs, generator=sampling)
             stepper = dp.stepper(self.head, optimizer, noise)
         train_mode(self.model, False)
         train_mode(self.head, True)  # frozen stages stay in eval mode, as when cached
         started = time.perf_counter()
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
+        contiguous = getattr(stepper, "contiguous", False)
         try:
             for idx in batches:
+                if len(idx) == 0:  # an empty Poisson batch still takes a (noise-only) step
+                    stepper.noise_only()
+                    steps += 1
+                    continue
                 x = self._enter(data.inputs[idx], data.start, train=True, generator=generator)
+                if contiguous:
+                    x = x.contiguous()
                 y = data.labels[idx].to(self.device)
                 logits = self.head(x)
                 loss = nn.functional.cross_entropy(logits, y, reduction="none")

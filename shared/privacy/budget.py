@@ -22,12 +22,19 @@ from .accounting import calibrate_noise, check_privacy_params, epsilon_of
 from .dpsgd import DPSGD, sample_rate_for, steps_per_epoch
 from .ledger import LedgerEntry, PrivacyLedger
 
-__all__ = ["SiteBudget", "DPRequest", "RoundPlan", "BudgetExceeded", "plan_round", "spent_by_run"]
+__all__ = ["SiteBudget", "DPRequest", "RoundPlan", "SiteRefusal", "BudgetExceeded", "plan_round", "spent_by_run"]
 
 _log = logging.getLogger("fedlens.privacy.budget")
 
 
-class BudgetExceeded(FedlensError):
+class SiteRefusal(FedlensError):
+    """A site declines a round on privacy grounds (not a fault).
+
+    The class name travels in the error reply; the server recognises refusals by it.
+    """
+
+
+class BudgetExceeded(SiteRefusal):
     """A site refuses a round that would take it past its privacy budget."""
 
 
@@ -70,10 +77,15 @@ class SiteBudget:
             return cls(
                 max_epsilon=float(node_config["max-epsilon"]),
                 delta=float(node_config.get("delta", 1e-5)),
-                allow_non_private=str(node_config.get("allow-non-private", "false")).lower() in ("1", "true", "yes"),
+                allow_non_private=allows_non_private(node_config),
             )
         except ValueError as exc:
             raise ConfigError(f"invalid privacy budget in the site's node config: {exc}") from exc
+
+
+def allows_non_private(node_config: Mapping[str, Any]) -> bool:
+    """Whether a site's node config lets it join ``dp = false`` runs (default: no)."""
+    return str(node_config.get("allow-non-private", "false")).strip().lower() in ("1", "true", "yes")
 
 
 @dataclass(frozen=True)
@@ -159,20 +171,31 @@ def plan_round(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, *,
             f"officer raises max-epsilon (see `fedlens privacy show STATE_DIR`)."
         )
     mine = [e for e in entries if e.run_id == request.run_id]
-    if mine:  # the noise stays fixed for the whole run, also across restarts
-        sigma, delta = mine[0].noise_multiplier, mine[0].delta
+    accountant = request.accountant
+    if mine:  # noise, delta and accountant stay fixed for the whole run, also across restarts
+        sigma, delta, accountant = mine[0].noise_multiplier, mine[0].delta, mine[0].accountant
     else:
         target = min(request.target_epsilon, cap)
         try:
             sigma = calibrate_noise(
-                target_epsilon=target, delta=delta, sample_rate=q, steps=request.num_rounds * steps, accountant=request.accountant
+                target_epsilon=target, delta=delta, sample_rate=q, steps=request.num_rounds * steps, accountant=accountant
             )
         except ValueError as exc:  # Opacus cannot reach the target (absurd epsilon/steps)
+            if target < request.target_epsilon:  # it is the site's small remaining budget
+                raise BudgetExceeded(
+                    f"{site} refuses to train: only epsilon {target:.4f} is left of its budget ({spent_note}), "
+                    f"too little for {request.num_rounds * steps} DP-SGD steps. Nothing was trained."
+                ) from exc
             raise ConfigError(f"{site}: cannot calibrate DP noise for epsilon {target:g} over {request.num_rounds * steps} steps: {exc}") from exc
         if target < request.target_epsilon:
             _log.warning("%s: run asks for epsilon %g but the site's budget leaves %.3f; calibrating to that", site, request.target_epsilon, target)
     history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in mine] + [(sigma, q, steps)]
-    after = epsilon_of(history, delta=delta, accountant=request.accountant)
+    after = epsilon_of(history, delta=delta, accountant=accountant)
+    if after > request.target_epsilon * (1 + 1e-9):
+        _log.warning(
+            "%s: this round takes the run past its requested epsilon (%.3f > %g): more rounds than "
+            "planned (a re-run round or a longer run); still within the site's budget", site, after, request.target_epsilon,
+        )  # fmt: skip
     if after > cap * (1 + 1e-9):
         raise BudgetExceeded(
             f"{site} refuses this round: it would bring the run's epsilon to {after:.3f}, past the site's "
@@ -187,4 +210,4 @@ def plan_round(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, *,
         mode=request.mode,
         secure_rng=request.secure_rng,
     )
-    return RoundPlan(dp=dp, steps=steps, delta=delta, accountant=request.accountant, epsilon_after=after, budget_left=cap)
+    return RoundPlan(dp=dp, steps=steps, delta=delta, accountant=accountant, epsilon_after=after, budget_left=cap)

@@ -19,6 +19,7 @@ the per-sample gradient method is chosen per trainable part:
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -35,8 +36,9 @@ _log = logging.getLogger("fedlens.privacy.dpsgd")
 # What Opacus says when secure_mode is off; repeated in fedlens' own log so it
 # stays visible where Python's once-per-process warning filter would hide it.
 INSECURE_RNG_WARNING = (
-    "Secure RNG turned off (secure-rng = false): fine for experiments, but noise and sampling "
-    "come from a seeded PRNG. Set secure-rng = true for production runs (Opacus secure_mode)."
+    "Secure RNG turned off (secure-rng = false): DP noise and sampling come from torch's PRNG, "
+    "seeded from the operating system's entropy at the site (never from the run config), not from "
+    "a cryptographic generator. Set secure-rng = true for production runs (Opacus secure_mode)."
 )
 
 
@@ -87,8 +89,9 @@ def secure_generator() -> torch.Generator:
     except ImportError:
         raise ConfigError(
             "`secure-rng = true` needs the torchcsprng package (Opacus' secure random generator), which "
-            "is not installed. Install a torchcsprng build matching this torch version, or run with "
-            "secure-rng = false for experiments."
+            "is not installed; its last release targets torch 1.x, so on this stack it needs a build "
+            "from source matching torch. Until then run with secure-rng = false (noise seeded from OS "
+            "entropy at each site)."
         ) from None
     return csprng.create_random_device_generator("/dev/urandom")
 
@@ -100,6 +103,9 @@ class Stepper(Protocol):
     """Turns the per-sample losses of one batch into an optimiser step."""
 
     def step(self, per_sample_loss: torch.Tensor) -> None: ...
+
+    def noise_only(self) -> None:
+        """An empty Poisson batch: a step with zero clipped sum (noise only)."""
 
     def close(self) -> None: ...
 
@@ -114,6 +120,9 @@ class PlainStepper:
         self.optimizer.zero_grad(set_to_none=True)
         per_sample_loss.mean().backward()
         self.optimizer.step()
+
+    def noise_only(self) -> None:
+        pass  # non-private training never sees an empty batch
 
     def close(self) -> None:
         pass
@@ -139,6 +148,14 @@ class _BookKeepingStepper:
         self.clipper.backward(per_sample_loss)
         self.optimizer.step()
 
+    def noise_only(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for m in self.clipper.layers:
+            for p in m.parameters(recurse=False):
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+
     def close(self) -> None:
         self.clipper.close()
 
@@ -148,6 +165,14 @@ class _OpacusStepper:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
+        # Opacus' conv per-sample gradients (unfold via as_strided) assume contiguous
+        # NCHW tensors: channels-last (fedlens' CPU layout) gives wrong gradients.
+        self.contiguous = True
+        self._restore_channels_last = any(
+            p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in module.parameters()
+        )
+        module.to(memory_format=torch.contiguous_format)
+        self._inner = module
         # Per-sample gradients of the summed loss; DPOptimizer divides the noisy
         # clipped sum by the expected batch size ("mean"), as DP-SGD prescribes.
         self.module = GradSampleModule(module, batch_first=True, loss_reduction="sum", force_functorch=functorch)
@@ -163,16 +188,20 @@ class _OpacusStepper:
         )
 
     def step(self, per_sample_loss: torch.Tensor) -> None:
-        if per_sample_loss.shape[0] == 0:  # empty Poisson batch: noise only
-            for p in self.params:
-                p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
-        else:
-            per_sample_loss.sum().backward()
+        per_sample_loss.sum().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def noise_only(self) -> None:
+        for p in self.params:  # a zero per-sample gradient: clipping and summing give 0
+            p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
         self.module._close()
+        if self._restore_channels_last:
+            self._inner.to(memory_format=torch.channels_last)
 
 
 @dataclass(frozen=True)
@@ -209,14 +238,21 @@ class DPSGD:
                 f"clipping bound {self.max_grad_norm} (> 0), sample rate {self.sample_rate} (in (0, 1))"
             )
 
-    def generators(self, seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-        """``(sampling, noise)`` randomness: secure, or seeded (reproducible, warned about once per process)."""
+    def generators(self, seed: int | None, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """``(sampling, noise)`` randomness.
+
+        Secure (torchcsprng) with ``secure_rng``; else torch generators seeded from OS
+        entropy, or from ``seed`` when given (reproducible experiments only: whoever
+        knows the seed can rebuild the noise).
+        """
         if self.secure_rng:
             return secure_generator(), secure_generator()
         global _warned
         if not _warned:  # once per process: every site process says it
             _warned = True
             _log.warning("%s", INSECURE_RNG_WARNING)
+        if seed is None:
+            seed = secrets.randbits(62)
         noise = torch.Generator(device=device).manual_seed(seed + 1)
         return torch.Generator().manual_seed(seed), noise
 

@@ -32,7 +32,7 @@ __all__ = ["BookKeepingClipper", "supports_fast_clipping"]
 
 def _is_pointwise_conv(m: nn.Module) -> bool:
     return (
-        isinstance(m, nn.Conv2d)
+        type(m) is nn.Conv2d  # subclasses may override forward (e.g. weight standardisation)
         and m.kernel_size == (1, 1)
         and m.stride == (1, 1)
         and m.padding in ((0, 0), "valid")
@@ -48,7 +48,10 @@ def _trainable_direct(m: nn.Module) -> list[nn.Parameter]:
 def supports_fast_clipping(module: nn.Module) -> bool:
     """True when every trainable parameter sits in a Linear or a pointwise (1x1) conv."""
     layers = [m for m in module.modules() if _trainable_direct(m)]
-    return bool(layers) and all(isinstance(m, nn.Linear) or _is_pointwise_conv(m) for m in layers)
+    if not layers or not all(type(m) is nn.Linear or _is_pointwise_conv(m) for m in layers):
+        return False
+    params = [p for m in layers for p in _trainable_direct(m)]
+    return len({id(p) for p in params}) == len(params)  # no weight shared between layers
 
 
 class BookKeepingClipper:
@@ -69,20 +72,27 @@ class BookKeepingClipper:
 
     def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
         if not supports_fast_clipping(module):
-            raise ValueError("book-keeping clipping needs every trainable layer to be Linear or a 1x1 Conv2d")
+            raise ValueError(
+                "book-keeping clipping needs every trainable layer to be Linear or a 1x1 Conv2d, with no shared weights"
+            )
         self.max_grad_norm = float(max_grad_norm)
         self.layers = [m for m in module.modules() if _trainable_direct(m)]
         self._io: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._versions: dict[nn.Module, int] = {}
         self._handles = [m.register_forward_hook(self._capture) for m in self.layers]
 
     def _capture(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if module in self._io:  # a layer applied twice per step needs summed per-sample terms
+            raise RuntimeError(f"{type(module).__name__} ran twice in one forward pass; use dp-mode = hooks for this model")
         self._io[module] = (inputs[0].detach(), output)
+        self._versions[module] = output._version
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._io.clear()
+        self._versions.clear()
 
     def __enter__(self) -> "BookKeepingClipper":
         return self
@@ -91,9 +101,9 @@ class BookKeepingClipper:
         self.close()
 
     @staticmethod
-    def _as_rows(t: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` or ``(B, ..., C)`` -> ``(B, positions, C)``."""
-        if t.dim() == 4:
+    def _as_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """Conv ``(B, C, H, W)`` or Linear ``(B, ..., C)`` -> ``(B, positions, C)``."""
+        if isinstance(module, nn.Conv2d):
             return t.flatten(2).transpose(1, 2)
         return t.reshape(t.shape[0], -1, t.shape[-1])
 
@@ -111,14 +121,17 @@ class BookKeepingClipper:
                 for p in _trainable_direct(m):
                     p.grad = torch.zeros_like(p)
             self._io.clear()
+            self._versions.clear()
             return per_sample_loss.new_zeros(0)
         outputs = [self._io[m][1] for m in self.layers]
+        if any(out._version != self._versions[m] for m, out in zip(self.layers, outputs)):
+            raise RuntimeError("a layer's output was modified in place after it ran; use out-of-place activations or dp-mode = hooks")
         grads = torch.autograd.grad(per_sample_loss.sum(), outputs)
         rows = []
         sq_norms = per_sample_loss.new_zeros(batch, dtype=torch.float32)
         for m, g in zip(self.layers, grads):
-            a = self._as_rows(self._io[m][0]).float()
-            g = self._as_rows(g).float()
+            a = self._as_rows(m, self._io[m][0]).float()
+            g = self._as_rows(m, g).float()
             positions = a.shape[1]
             if m.weight.requires_grad:
                 if positions == 1:
@@ -140,4 +153,5 @@ class BookKeepingClipper:
             if m.bias is not None and m.bias.requires_grad:
                 m.bias.grad = gc.sum((0, 1)).to(m.bias.dtype)
         self._io.clear()
+        self._versions.clear()
         return norms

@@ -7,11 +7,13 @@ any point can lose at most an update that was never sent — never spent epsilon
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import FedlensError
 from ..io import atomic_write_json
@@ -110,6 +112,21 @@ class PrivacyLedger:
     def steps(self, run_id: str) -> int:
         """DP-SGD steps recorded for ``run_id`` over all its rounds."""
         return sum(e.steps for e in self.entries() if e.run_id == run_id)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive use of the budget: hold it from the budget check to the ledger entry.
+
+        Two runs (or processes) sharing a state directory would otherwise both pass
+        the check and together overspend.
+        """
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / ".ledger.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "entries": [asdict(e) for e in self.entries()]}

@@ -9,7 +9,7 @@ from client.app import _site_update
 from client.site import load_site
 from shared.config import FedConfig
 from shared.errors import ConfigError
-from shared.privacy import BudgetExceeded, PrivacyLedger
+from shared.privacy import BudgetExceeded, PrivacyLedger, SiteRefusal
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_a_deployed_site_needs_its_own_budget_and_state_dir(deployed):
 def test_a_deployed_site_refuses_non_private_runs_unless_it_allows_them(deployed, tmp_path):
     cfg, node = deployed
     public = FedConfig.from_mapping({"dp": False}, base=cfg)
-    with pytest.raises(BudgetExceeded, match="without differential privacy"):
+    with pytest.raises(SiteRefusal, match="without differential privacy"):
         _round(public, node)
     _site, (_update, _n, metrics) = _round(public, {**node, "allow-non-private": "true"})
     assert metrics["dp"] == 0.0 and not (tmp_path / "state" / "privacy-ledger.json").exists()

@@ -74,3 +74,21 @@ def test_only_linear_and_pointwise_layers_qualify():
     assert supports_fast_clipping(frozen)  # frozen layers of any kind are fine
     with pytest.raises(ValueError, match="Linear or a 1x1"):
         BookKeepingClipper(depthwise, max_grad_norm=1.0)
+
+
+def test_patterns_it_cannot_handle_are_refused_not_miscomputed():
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight  # one weight in two layers
+    assert not supports_fast_clipping(nn.Sequential(first, nn.ReLU(), second))
+
+    twice = nn.Linear(4, 4)
+    with BookKeepingClipper(twice, max_grad_norm=1.0) as clipper:
+        x = torch.randn(3, 4)
+        with pytest.raises(RuntimeError, match="twice"):
+            twice(twice(x))
+
+    inplace = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    with BookKeepingClipper(inplace, max_grad_norm=1.0) as clipper:
+        loss = nn.functional.cross_entropy(inplace(torch.randn(3, 4)), torch.tensor([0, 1, 0]), reduction="none")
+        with pytest.raises(RuntimeError, match="in place"):
+            clipper.backward(loss)
