@@ -20,7 +20,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from shared.config import FedConfig
 from shared.privacy import DPRequest, PrivacyLedger, RoundPlan, SiteRefusal, plan_round
-from shared.privacy.budget import allows_non_private
+from shared.privacy.budget import allows_evaluation, allows_non_private
 from shared.privacy.outbox import UpdateOutbox, state_digest
 from shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
 from shared.task import site_seed
@@ -133,7 +133,14 @@ def _train(site: Site, msg: Message, node_config: dict[str, object], state_root:
     return Message(content=content, reply_to=msg)
 
 
-def _evaluate(site: Site, msg: Message) -> Message:
+def _evaluate(site: Site, msg: Message, node_config: dict[str, object]) -> Message:
+    if site.task.cfg.dp and not site.simulated and not allows_evaluation(node_config):
+        # Held-out metrics are exact statistics of images DP-SGD does not cover, and the
+        # server chooses the model they are computed on: a private site opts in.
+        raise SiteRefusal(
+            f"{site.name} does not release evaluation metrics of its held-out images (not covered by DP); "
+            "start the site with allow-evaluation=true to allow it"
+        )
     site.task.load_trainable(msg.content["arrays"].to_torch_state_dict())
     if len(site.eval) == 0:
         metrics = {NUM_EXAMPLES: 0, UNIT_WEIGHT: 1, "accuracy": 0.0, "loss": 0.0, "macro_f1": 0.0}
@@ -188,7 +195,7 @@ def build_client_app(cfg: FedConfig | None = None, *, state_root: str | Path | N
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _evaluate(site_for(context), msg)
+        return _evaluate(site_for(context), msg, dict(context.node_config))
 
     return app
 

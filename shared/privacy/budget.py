@@ -88,6 +88,11 @@ def allows_non_private(node_config: Mapping[str, Any]) -> bool:
     return str(node_config.get("allow-non-private", "false")).strip().lower() in ("1", "true", "yes")
 
 
+def allows_evaluation(node_config: Mapping[str, Any]) -> bool:
+    """Whether a private site releases metrics of its held-out images (default: no)."""
+    return str(node_config.get("allow-evaluation", "false")).strip().lower() in ("1", "true", "yes")
+
+
 @dataclass(frozen=True)
 class DPRequest:
     """The DP parameters a run asks every site to use."""

@@ -74,3 +74,11 @@ def test_the_server_cannot_lift_a_site_budget(deployed, tmp_path):
     assert metrics["epsilon"] <= 2.0
     with pytest.raises(BudgetExceeded):
         _round(greedy, small, rnd=3)
+
+
+def test_a_private_site_releases_held_out_metrics_only_if_it_opts_in(deployed):
+    from client.app import _evaluate
+
+    cfg, node = deployed
+    with pytest.raises(SiteRefusal, match="allow-evaluation"):
+        _evaluate(load_site(cfg, node), None, node)  # refused before the message is even read
