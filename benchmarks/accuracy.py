@@ -1,6 +1,7 @@
 """Federated vs centralized accuracy on the Fashion-MNIST test set.
 
-Federated: 10 sites, Dirichlet alpha = 0.5, FedAvg, no DP. Centralized: the same model
+Federated: 10 sites, Dirichlet alpha = 0.5, FedAvg, no DP (Adam, batch 64, the head
+convolution trained fully: the best non-private settings). Centralized: the same model
 and config on the pooled training data, with the same number of passes over the data
 (num-rounds x local-epochs). Both are evaluated on the same 10,000 test images.
 
@@ -21,7 +22,9 @@ from simulations.runner import centralized, simulate
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     setup_logging()
-    cfg = config(args, **{"dataset": "fashion-mnist", "num-sites": 10, "partition": "dirichlet", "alpha": 0.5, "strategy": "fedavg", "dp": False})
+    cfg = config(args, **{"dataset": "fashion-mnist", "num-sites": 10, "partition": "dirichlet", "alpha": 0.5, "strategy": "fedavg", "dp": False,
+                         # the non-private settings this figure was first measured with
+                         "optimizer": "adam", "lr": 0.001, "batch-size": 64, "lora-rank": 0})
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t = time.monotonic()

@@ -71,17 +71,19 @@ class FedConfig:
     policy: str = _opt("last-1", "fine-tune policy: head, last-N or full")
     # 96 px: Fashion-MNIST is 28 px, but ImageNet features need a 3x3 final map to
     # tell shirts from pullovers (64 px gave ~87 %, 96 px ~91 % centrally).
-    lora_rank: int = _opt(0, "train rank-r low-rank adapters instead of the trainable 1x1 convolutions (0 = train them fully)")
+    # 16: under DP-SGD noise grows with the trained dimensions; rank-16 adapters on the
+    # head conv train 26 k numbers instead of 410 k and send 1/16 of the bytes.
+    lora_rank: int = _opt(16, "train rank-r low-rank adapters instead of the trainable 1x1 convolutions (0 = train them fully)")
     image_size: int = _opt(96, "side length images are resized to")
     augment: str = _opt("none", "training augmentation: none or a comma list of flip, crop, color")
     # --- optimisation -----------------------------------------------------------
     local_epochs: int = _opt(1, "passes over the local data per round")
-    # 64: half the local steps of 32 per epoch, so less drift on label-skewed sites.
-    batch_size: int = _opt(64, "training batch size")
-    # Adam: the new classifier and the fine-tuned layers want very different step
-    # sizes, which Adam's per-parameter scaling handles without tuning.
-    optimizer: str = _opt("adam", "site optimiser", OPTIMIZERS)
-    lr: float = _opt(0.001, "site learning rate")
+    # 256 and SGD with momentum: the best private settings in a sweep at epsilon 3
+    # (docs/benchmarks.md). Adam rescales every coordinate, so it turns DP noise in the
+    # many low-signal coordinates into full-size steps.
+    batch_size: int = _opt(256, "training batch size (with DP-SGD: the expected Poisson batch)")
+    optimizer: str = _opt("sgd", "site optimiser", OPTIMIZERS)
+    lr: float = _opt(0.5, "site learning rate")
     lr_decay: float = _opt(0.9, "multiply the site learning rate by this after every round, in (0, 1]")
     momentum: float = _opt(0.9, "SGD momentum, in [0, 1)")
     adam_eps: float = _opt(1e-8, "Adam's epsilon; under DP-SGD a value near the noise level (1e-3 to 1e-2) keeps Adam from amplifying noise")

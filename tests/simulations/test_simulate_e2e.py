@@ -25,6 +25,7 @@ TINY = {
     "max-test-images": 200,
     "image-size": 32,
     "partition": "iid",
+    "batch-size": 16,
 }
 
 
