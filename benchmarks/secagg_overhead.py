@@ -1,6 +1,7 @@
 """Secure-aggregation overhead: the same private run with and without SecAgg+.
 
-Both runs use the same config, data, sites and DP-SGD; one aggregates through
+Both runs use the same config, data, sites and DP-SGD (and no federated evaluation,
+which the SecAgg+ path does not do); one aggregates through
 Flower's SecAgg+ (masking, key sharing, unmasking: four exchanges per round), the
 other sends updates in the clear to FedAvg. Measured back to back in one process.
 
@@ -24,7 +25,8 @@ from simulations.runner import simulate
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     setup_logging()
-    cfg = config(args, **{"num-rounds": 3})
+    # No federated evaluation: the SecAgg+ path has none, so both runs do the same work.
+    cfg = config(args, **{"num-rounds": 3, "fraction-evaluate": 0.0})
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     train, test = load_dataset(cfg)  # warm the feature cache for both runs

@@ -219,7 +219,7 @@ def run_secagg_rounds(
         Shares needed to rebuild a secret; a site's neighbourhood survives
         ``num_shares - reconstruction_threshold`` dropouts.
     clipping_range : float, default 8.0
-        Each site clips ``num_examples / 1000 * value`` to this range before
+        Each site clips ``num_examples / max_weight * value`` to this range before
         quantisation (the site refuses rather than clip silently).
     quantization_range : int, default 2**22
         Quantisation levels over ``[-clipping_range, clipping_range]``.

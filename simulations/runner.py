@@ -72,7 +72,8 @@ def _check_privacy(cfg: FedConfig, labels: np.ndarray, sites: list[np.ndarray]) 
     if not cfg.dp:
         _log.warning("!" * 78)
         _log.warning("dp = false: this run is NOT differentially private. Sites train without DP-SGD and")
-        _log.warning("their updates can leak their images. Use it only for baselines on public data.")
+        _log.warning("their updates can leak their images. Use it only for baselines on public data")
+        _log.warning("(`--experiment non-private` has settings tuned for training without DP).")
         _log.warning("!" * 78)
         return
     if cfg.secure_rng:

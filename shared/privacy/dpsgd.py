@@ -18,6 +18,7 @@ the per-sample gradient method is chosen per trainable part:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
@@ -148,6 +149,10 @@ class _BookKeepingStepper:
         self.clipper.backward(per_sample_loss)
         self.optimizer.step()
 
+    def suspended(self) -> contextlib.AbstractContextManager[None]:
+        """Forward/backward passes that must not be recorded (benchmarks)."""
+        return self.clipper.suspended()
+
     def noise_only(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         for m in self.clipper.layers:
@@ -191,6 +196,15 @@ class _OpacusStepper:
         per_sample_loss.sum().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Forward/backward passes that must not be recorded (benchmarks)."""
+        self.module.disable_hooks()
+        try:
+            yield
+        finally:
+            self.module.enable_hooks()
 
     def noise_only(self) -> None:
         for p in self.params:  # a zero per-sample gradient: clipping and summing give 0

@@ -24,6 +24,9 @@ own per-sample gradients.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -79,9 +82,21 @@ class BookKeepingClipper:
         self.layers = [m for m in module.modules() if _trainable_direct(m)]
         self._io: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._versions: dict[nn.Module, int] = {}
+        self._active = True
         self._handles = [m.register_forward_hook(self._capture) for m in self.layers]
 
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Run the module without recording (e.g. a non-private step in a benchmark)."""
+        self._active = False
+        try:
+            yield
+        finally:
+            self._active = True
+
     def _capture(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not self._active:
+            return
         if module in self._io:  # a layer applied twice per step needs summed per-sample terms
             raise RuntimeError(f"{type(module).__name__} ran twice in one forward pass; use dp-mode = hooks for this model")
         self._io[module] = (inputs[0].detach(), output)
