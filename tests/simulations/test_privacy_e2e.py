@@ -28,15 +28,24 @@ def _cfg(cache_dir: str, **extra) -> FedConfig:
     return FedConfig.from_mapping({**TINY, "cache-dir": cache_dir, **extra})
 
 
-def test_private_run_reports_per_site_epsilon_that_anyone_can_recompute(tmp_path, cache_dir):
-    out = tmp_path / "run"
-    summary = simulate(_cfg(cache_dir), out)
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory, request):
+    """One private run shared by the tests below; site-1 has its own, smaller budget."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    out = tmp_path_factory.mktemp("private") / "run"
+    summary = simulate(_cfg(cache, **{"site-budgets": "site-1=0.5"}), out)
+    return out, summary, cache
+
+
+def test_private_run_reports_per_site_epsilon_that_anyone_can_recompute(private_run):
+    out, summary, _cache = private_run
     privacy = summary["privacy"]
     assert summary["private"] is True and privacy["private"] is True
     assert set(privacy["sites"]) == {"site-0", "site-1"}
+    targets = {"site-0": 3.0, "site-1": 0.5}  # site-1's own budget is below the run's target
     for site, facts in privacy["sites"].items():
-        # The run used most of the target, and never more.
-        assert 0.9 * 3.0 <= facts["epsilon"] <= 3.0
+        # The run used most of each site's allowance, and never more.
+        assert 0.9 * targets[site] <= facts["epsilon"] <= targets[site]
         history = [(facts["noise_multiplier"], facts["sample_rate"], facts["steps"])]
         assert epsilon_of(history, delta=facts["delta"], accountant="rdp") == pytest.approx(facts["epsilon"], rel=1e-9)
         # A second accountant (PRV, near-tight) agrees within the known RDP slack.
@@ -45,35 +54,30 @@ def test_private_run_reports_per_site_epsilon_that_anyone_can_recompute(tmp_path
         entries = PrivacyLedger(out / "sites" / site).entries()
         assert [e.round for e in entries] == [1, 2]
         assert entries[-1].epsilon == facts["epsilon"] and sum(e.steps for e in entries) == facts["steps"]
+    assert privacy["sites"]["site-1"]["noise_multiplier"] > privacy["sites"]["site-0"]["noise_multiplier"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     eps = [r["privacy"]["site_epsilon"]["site-0"] for r in records]
     assert eps[0] < eps[1]  # cumulative, carried across rounds
+    assert "train-loss" not in records[0]["sites_train"]["site-0"]  # private sites keep it
 
 
-def test_each_site_spends_within_its_own_budget(tmp_path, cache_dir):
-    # site-1's own budget is far below the run's target: it calibrates its noise to it.
-    summary = simulate(_cfg(cache_dir, **{"site-budgets": "site-1=0.5"}), tmp_path / "run")
-    sites = summary["privacy"]["sites"]
-    assert summary["rounds"] == 2 and not summary["site_failures"]
-    assert 0.9 * 0.5 <= sites["site-1"]["epsilon"] <= 0.5
-    assert 0.9 * 3.0 <= sites["site-0"]["epsilon"] <= 3.0
-    assert sites["site-1"]["noise_multiplier"] > sites["site-0"]["noise_multiplier"]
+def test_no_site_may_train_ends_the_run_cleanly_with_the_reason(private_run, tmp_path):
+    import shutil
 
-
-def test_no_site_may_train_ends_the_run_cleanly_with_the_reason(tmp_path, cache_dir):
+    source, _summary, _cache = private_run
     out = tmp_path / "run"
-    # Noise is calibrated for 2 rounds; a resumed run asking for more must stop, not overspend.
-    simulate(_cfg(cache_dir), out)
+    shutil.copytree(source, out)
+    # Noise was calibrated for 2 rounds; a resumed run asking for more must stop, not overspend.
     cfg_path = out / "config.toml"
     cfg_path.write_text(cfg_path.read_text().replace("num-rounds = 2", "num-rounds = 4"))
     (out / "status.json").write_text('{"status": "running"}')
     summary = simulate(FedConfig(), out, resume=True)
-    assert "privacy budget" in summary["stopped_early"]
+    assert "declined on privacy grounds" in summary["stopped_early"]
     assert summary["rounds"] == 2
     assert json.loads((out / "status.json").read_text())["status"] == "finished"
     run_id = (out / "run-id").read_text().strip()
-    for site in ("site-0", "site-1"):
-        assert PrivacyLedger(out / "sites" / site).spent(run_id) <= 3.0
+    for site, cap in (("site-0", 3.0), ("site-1", 0.5)):
+        assert PrivacyLedger(out / "sites" / site).spent(run_id) <= cap
 
 
 def test_non_private_run_says_so(tmp_path, cache_dir, caplog):
