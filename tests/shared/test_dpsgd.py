@@ -93,7 +93,6 @@ def test_secure_rng_without_torchcsprng_says_how_to_fix():
 
 def test_opacus_hooks_on_a_depthwise_policy_match_per_example_autograd(task):
     """Channels-last CPU tensors must not corrupt Opacus' conv per-sample gradients."""
-    from opacus import GradSampleModule
 
     t = Task(FedConfig(image_size=64, device="cpu", policy="last-2"), num_classes=3)
     head = t.head
