@@ -134,15 +134,7 @@ class _BookKeepingStepper:
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
         self.clipper = BookKeepingClipper(module, max_grad_norm=dp.max_grad_norm)
-        self.optimizer = DPOptimizerFastGradientClipping(
-            optimizer,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=dp.expected_batch_size,
-            loss_reduction="mean",
-            generator=generator,
-            secure_mode=dp.secure_rng,
-        )
+        self.optimizer = DPOptimizerFastGradientClipping(optimizer, **dp.optimizer_kwargs(generator))
 
     def step(self, per_sample_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -182,15 +174,7 @@ class _OpacusStepper:
         # clipped sum by the expected batch size ("mean"), as DP-SGD prescribes.
         self.module = GradSampleModule(module, batch_first=True, loss_reduction="sum", force_functorch=functorch)
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            expected_batch_size=dp.expected_batch_size,
-            loss_reduction="mean",
-            generator=generator,
-            secure_mode=dp.secure_rng,
-        )
+        self.optimizer = DPOptimizer(optimizer, **dp.optimizer_kwargs(generator))
 
     def step(self, per_sample_loss: torch.Tensor) -> None:
         per_sample_loss.sum().backward()
@@ -251,6 +235,17 @@ class DPSGD:
                 f"invalid DP-SGD parameters: noise multiplier {self.noise_multiplier} (>= 0), "
                 f"clipping bound {self.max_grad_norm} (> 0), sample rate {self.sample_rate} (in (0, 1))"
             )
+
+    def optimizer_kwargs(self, generator: torch.Generator | None) -> dict[str, object]:
+        """Arguments of Opacus' DP optimisers: noise on the clipped sum, divided by the expected batch."""
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": self.expected_batch_size,
+            "loss_reduction": "mean",
+            "generator": generator,
+            "secure_mode": self.secure_rng,
+        }
 
     def generators(self, seed: int | None, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
         """``(sampling, noise)`` randomness.
