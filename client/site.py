@@ -83,6 +83,8 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
     else:
         data_path = str(node_config.get("data-path") or cfg.data_path)
         name = str(node_config.get("site-name") or "site")
+        if "device" in node_config:  # the site's hardware is the site's choice
+            cfg = FedConfig.from_mapping({"device": str(node_config["device"])}, base=cfg)
         task, data, labels = _folder(cfg.to_json(), data_path, name)
     train, held = local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
     return Site(name=name, task=task, train=train, eval=held, simulated=_is_simulated(node_config))

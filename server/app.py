@@ -19,7 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from shared.checkpoint import load_checkpoint
-from shared.config import FedConfig
+from shared.config import RUN_DIR_KEY, FedConfig
+from shared.errors import ConfigError
 from shared.data import load_dataset
 from shared.protocol import ROUND_OFFSET, RUN_ID
 from shared.rundir import RunDir
@@ -248,22 +249,60 @@ def privacy_summary(cfg: FedConfig, records: list[dict[str, Any]], *, central: d
 def build_server_app(cfg: FedConfig | None = None, out_dir: str | Path | None = None, *, started: float | None = None) -> ServerApp:
     """A ServerApp; with ``cfg`` and ``out_dir`` it ignores Flower's run config.
 
-    Without them (``flwr run``), the config comes from the run config and the run
-    folder from its ``out-dir`` key.
+    Without them (``flwr run`` / ``fedlens run``), the config comes from the run
+    config and the run folder from ``run-dir`` (created, or resumed when it already
+    holds this run's checkpoint) or else ``out-dir/<flower run id>``.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or FedConfig.from_run_config(context.run_config)
-        if out_dir is not None:
-            run = RunDir(out_dir)
-        else:
-            path = Path(str(context.run_config.get("out-dir", "runs/flwr"))) / str(context.run_id)
-            run = RunDir.create(path, run_cfg)
-        serve(grid, run_cfg, run, started=started)
+        if cfg is not None and out_dir is not None:
+            serve(grid, cfg, RunDir(out_dir), started=started)
+            return
+        _log_through_flower()
+        run, run_cfg = _open_run_dir(context)
+        try:
+            serve(grid, run_cfg, run)
+        except Exception as exc:
+            run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+            raise
 
     return app
+
+
+def _open_run_dir(context: Context) -> tuple[RunDir, FedConfig]:
+    """The run folder of a deployed run: new, or resumed after a server restart."""
+    run_cfg = FedConfig.from_run_config(context.run_config)
+    target = str(context.run_config.get(RUN_DIR_KEY, ""))
+    if not target:
+        path = Path(str(context.run_config.get("out-dir", "runs/flwr"))) / str(context.run_id)
+        return RunDir.create(path, run_cfg), run_cfg
+    run = RunDir(target)
+    if not (run.path / "config.toml").is_file():
+        return RunDir.create(run.path, run_cfg), run_cfg
+    saved = run.config()
+    if saved != run_cfg:
+        diff = sorted(k for k, v in saved.to_dict().items() if run_cfg.to_dict()[k] != v)
+        raise ConfigError(f"{run.path} holds a run with a different config ({', '.join(diff)}); resume it with its own config.toml or pick a new folder")
+    if run.status().get("status") == "finished":
+        raise ConfigError(f"{run.path} holds a finished run; pick a new folder")
+    done = run.prepare_resume()
+    _log.info("resuming %s after round %d (Flower run %s)", run.path, done, context.run_id)
+    return run, saved
+
+
+def _log_through_flower() -> None:
+    """Route fedlens' log lines into Flower's logger, so `flwr log` / `fedlens run` stream them."""
+    ours = logging.getLogger("fedlens")
+    if ours.handlers:
+        return
+    from flwr.common.logger import FLOWER_LOGGER
+
+    for handler in FLOWER_LOGGER.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
 
 
 app = build_server_app()

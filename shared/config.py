@@ -28,8 +28,11 @@ OPTIMIZERS = ("adam", "sgd")
 DP_MODES = ("auto", "book-keeping", "hooks", "functorch")
 ACCOUNTANTS = ("rdp", "prv")
 CENTRAL_DP = ("off", "server", "client")
-# Flower run-config keys that wire the app (where to write) rather than configure ML.
-APP_KEYS = ("out-dir",)
+# Flower run-config keys that wire the app (where to write) rather than configure ML:
+# `out-dir` is the parent of per-Flower-run folders (`flwr run`), `run-dir` one exact
+# run folder (`fedlens run`, which can resume it after a server restart).
+RUN_DIR_KEY = "run-dir"
+APP_KEYS = ("out-dir", RUN_DIR_KEY)
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:

@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the site's state folder")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=_cmd_privacy_show)
+
+    from client.cli import add_commands as add_client_commands
+    from server.cli import add_commands as add_server_commands
+
+    add_server_commands(sub, _add_config_args)
+    add_client_commands(sub)
     return parser
 
 
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlens: error: {exc}", file=sys.stderr)
         return 1 if type(exc).__name__ == "SimulationFailed" else 2
     except KeyboardInterrupt:
-        print("fedlens: interrupted; continue a simulation with `fedlens simulate --resume DIR`", file=sys.stderr)
+        print("fedlens: interrupted; continue a run with `fedlens simulate --resume DIR` (or `fedlens run --resume DIR`)", file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,249 @@
+"""A site's connection to the federation: a Flower SuperNode with the site's own settings.
+
+``fedlens client start`` checks the site's side first (CA, key, data folder, state
+folder) and then the server's TLS certificate against the site's CA, so the common
+set-up mistakes get a message that says what is wrong and who fixes it, instead of a
+SuperNode retrying forever. The site's data path, privacy budget and device go into
+the SuperNode's node config: the server's run config cannot change them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import FedlensError
+
+__all__ = ["SiteSettings", "ConnectError", "check_server", "node_config", "supernode_command", "run_supernode"]
+
+_log = logging.getLogger("fedlens.client")
+
+
+class ConnectError(FedlensError):
+    """The site cannot (or must not) connect to the server as configured."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Everything a site decides for itself."""
+
+    server: str
+    data: Path
+    state_dir: Path
+    name: str
+    ca: Path | None = None  # None = plaintext (insecure)
+    key: Path | None = None
+    max_epsilon: float = 8.0
+    delta: float = 1e-5
+    allow_evaluation: bool = False
+    allow_non_private: bool = False
+    device: str = "auto"
+    port: int = 9094  # local port of the SuperNode's app runtime API
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConnectError(f"--server {address!r} must be HOST:PORT, e.g. fl.example.org:9092")
+    return host.strip("[]"), int(port)
+
+
+def check_server(address: str, ca: Path | None, *, timeout: float = 10.0) -> str:
+    """Check that the server at ``address`` is reachable and that TLS works as configured.
+
+    Returns a short description on success.
+
+    Raises
+    ------
+    ConnectError
+        With the reason (expired, wrong CA, name not in the certificate, server
+        without TLS, client without TLS) and how to fix it. An unreachable server is
+        not an error here (the SuperNode keeps retrying); it is logged.
+    """
+    host, port = _split(address)
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        _log.warning("server %s not reachable yet (%s); the site will keep trying to connect", address, exc.strerror or exc)
+        return "unreachable"
+    with raw:
+        if ca is None:
+            return _check_plaintext(raw, address)
+        ctx = ssl.create_default_context(cafile=str(ca))
+        try:
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                return f"TLS {tls.version()} to {address}, certificate verified against {ca}"
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectError(_verify_message(exc, address, ca)) from exc
+        except (ssl.SSLError, ConnectionResetError) as exc:
+            raise ConnectError(
+                f"TLS handshake with {address} failed ({getattr(exc, 'reason', None) or exc}): the server does not speak TLS. "
+                "If it was started with --insecure, ask its admin to restart it with certificates "
+                "(`fedlens server start --certs DIR`); never send site data over a plaintext link"
+            ) from exc
+
+
+def _verify_message(exc: ssl.SSLCertVerificationError, address: str, ca: Path) -> str:
+    code = getattr(exc, "verify_code", None)
+    detail = getattr(exc, "verify_message", str(exc))
+    if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+        return f"the server certificate of {address} has expired; ask the server admin to re-issue it (`fedlens certs init --force`) and send you the new ca.pem"
+    if code == 9:  # X509_V_ERR_CERT_NOT_YET_VALID
+        return f"the server certificate of {address} is not valid yet; check the clocks of both machines"
+    if code == 62 or "hostname" in detail.lower() or "ip address mismatch" in detail.lower():
+        return (
+            f"the server certificate does not cover the name you dial ({_split(address)[0]}): {detail}. "
+            "Dial one of the names in the certificate, or ask the server admin to re-issue it with that name in --server-name"
+        )
+    if code in (18, 19, 20, 21, 2):  # self-signed / unknown issuer
+        return (
+            f"the server at {address} presented a certificate not signed by your CA {ca} ({detail}). "
+            "Use the ca.pem the server admin gave you for this federation; if it is the right one, you may be talking to the wrong server"
+        )
+    return f"the server certificate of {address} failed verification against {ca}: {detail}"
+
+
+def _check_plaintext(sock: socket.socket, address: str) -> str:
+    """With --insecure: refuse to go on when the server actually wants TLS."""
+    try:
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        head = sock.recv(16)
+    except OSError:
+        head = b""
+    if not head.startswith(b"HTTP/"):
+        raise ConnectError(
+            f"the server at {address} requires TLS but this site was started with --insecure; "
+            "drop --insecure and pass --ca ca.pem and --key SITE.key (from the server admin)"
+        )
+    return f"plaintext HTTP to {address} (INSECURE)"
+
+
+def node_config(s: SiteSettings) -> str:
+    """The SuperNode's ``--node-config``: site-owned settings the server cannot override."""
+    items = {
+        "site-name": s.name,
+        "data-path": str(s.data.resolve()),
+        "state-dir": str(s.state_dir.resolve()),
+        "max-epsilon": float(s.max_epsilon),
+        "delta": float(s.delta),
+        "allow-evaluation": s.allow_evaluation,
+        "allow-non-private": s.allow_non_private,
+        "device": s.device,
+    }
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return repr(v)
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return " ".join(f"{k}={value(v)}" for k, v in items.items())
+
+
+def supernode_command(s: SiteSettings) -> list[str]:
+    from server.control import flower_bin
+
+    cmd = [flower_bin("flower-supernode"), "--superlink", s.server, "--node-config", node_config(s), "--port", str(s.port)]
+    if s.ca is None:
+        return [*cmd, "--insecure"]
+    assert s.key is not None
+    return [*cmd, "--root-certificates", str(s.ca.resolve()), "--auth-supernode-private-key", str(s.key.resolve())]
+
+
+def check_site(s: SiteSettings) -> int:
+    """Check the site's own side before connecting; returns the number of readable images."""
+    from shared.data import load_image_folder
+
+    if s.ca is not None:
+        if not s.ca.is_file():
+            raise ConnectError(f"CA certificate {s.ca} not found; the server admin gives every site the federation's ca.pem")
+        if s.key is None or not s.key.is_file():
+            raise ConnectError(f"site key {s.key} not found; create it with `fedlens certs add-site {s.name} --out DIR` and have the server register SITE.pub")
+        mode = s.key.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConnectError(f"site key {s.key} is readable by others (mode {mode:o}); run `chmod 600 {s.key}`")
+        if b"OPENSSH PRIVATE KEY" not in s.key.read_bytes()[:64]:
+            raise ConnectError(f"{s.key} is not an OpenSSH private key; pass the SITE.key file from `fedlens certs add-site`")
+    if s.max_epsilon <= 0:
+        raise ConnectError(f"--max-epsilon must be > 0, got {s.max_epsilon}")
+    if not 0 < s.delta < 1:
+        raise ConnectError(f"--delta must be in (0, 1), got {s.delta}")
+    s.state_dir.mkdir(parents=True, exist_ok=True)
+    images, report = load_image_folder(s.data, image_size=32, name=s.name)
+    if report.skipped:
+        _log.warning("%s: %d file(s) in %s cannot be used and are skipped (first: %s)", s.name, report.skipped, s.data, report.errors[0] if report.errors else "?")
+    return len(images)
+
+
+INSECURE_BANNER = "INSECURE SITE: --insecure sends model updates in plaintext and skips site authentication; closed test networks only"
+
+# Flower's own failure lines, translated for a site's IT admin.
+_FLOWER_ERRORS = (
+    (re.compile(r"Failed to activate SuperNode"), "the server rejected this site's key: it is not registered (or was removed). "
+     "Send SITE.pub to the server admin, who runs `fedlens server add-site SITE SITE.pub`"),
+    (re.compile(r"CERTIFICATE_VERIFY_FAILED"), "the server's TLS certificate was not accepted (wrong CA, expired, or a name mismatch); "
+     "check --ca and the address you dial"),
+    (re.compile(r"requires a secure TLS connection"), "site authentication needs TLS: pass --ca instead of --insecure"),
+)
+
+
+def run_supernode(s: SiteSettings) -> int:
+    """Run the SuperNode in the foreground, relaying its output; returns its exit code.
+
+    Known fatal Flower errors end the site with a translated message (exit 3).
+    SIGINT/SIGTERM stop the SuperNode and its app processes.
+    """
+    from server.control import flower_env
+
+    cmd = supernode_command(s)
+    env = flower_env()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def stop(signum: int, _frame: object) -> None:
+        _terminate(proc)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    assert proc.stdout is not None
+    fatal = None
+    try:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            for pattern, message in _FLOWER_ERRORS:
+                if pattern.search(line):
+                    fatal = message
+            if fatal:
+                _log.error("%s: %s", s.name, fatal)
+                _terminate(proc)
+                return 3
+    except KeyboardInterrupt:
+        _terminate(proc)
+        return 130
+    return proc.wait()
+
+
+def _terminate(proc: subprocess.Popen[str]) -> None:
+    """Stop the SuperNode's whole process group (it, its SuperExec and app processes)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 15
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,0 +1,123 @@
+"""A federation on loopback: certificates, a TLS server with site authentication, sites."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from server.certs import add_site, init_ca
+from shared.config import FedConfig
+
+from .images import write_folders
+from .procs import Procs, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = ["site-a", "site-b", "site-c"]
+
+# Tiny work: 3 classes of 32 px images, 20 per class and site.
+RUN = {
+    "dataset": "folder",
+    "image-size": 32,
+    "batch-size": 16,
+    "test-fraction": 0.5,
+    "num-rounds": 2,
+    "min-sites": 2,
+    "round-timeout": 90.0,
+    "target-epsilon": 8.0,
+}
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Federation:
+    root: Path
+    procs: Procs
+    port: int
+    certs: Path
+    state: Path
+    data: dict[str, Path]
+    env: dict[str, str]
+    cache_dir: str
+    site_ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def fedlens(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a short ``fedlens`` command to completion."""
+        return subprocess.run([sys.executable, "-m", "simulations.cli", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def start_server(self) -> None:
+        self.procs.start("server", "server", "start", "--certs", str(self.certs), "--state-dir", str(self.state), "--host", "127.0.0.1", "--port", str(self.port))
+        wait_for(lambda: _listening(self.port), 60, "the server to listen")
+
+    def register(self, site: str) -> None:
+        r = self.fedlens("server", "add-site", site, str(self.certs / "sites" / f"{site}.pub"), "--state-dir", str(self.state))
+        assert r.returncode == 0, r.stderr
+
+    def start_site(self, site: str, *extra: str) -> None:
+        port = self.site_ports.setdefault(site, free_port())
+        self.procs.start(
+            site, "client", "start", "--server", self.address, "--ca", str(self.certs / "ca.pem"),
+            "--key", str(self.certs / "sites" / f"{site}.key"), "--data", str(self.data[site]),
+            "--state-dir", str(self.root / "state" / site), "--max-epsilon", "50", "--allow-evaluation",
+            "--port", str(port), *extra,
+        )  # fmt: skip
+
+    def online(self) -> set[str]:
+        r = self.fedlens("server", "sites", "--state-dir", str(self.state), "--json")
+        if r.returncode != 0:
+            return set()
+        return {name for name, info in json.loads(r.stdout).items() if info["status"] == "online"}
+
+    def run_config(self, **extra: object) -> Path:
+        cfg = FedConfig.from_mapping({**RUN, "data-path": str(self.data["server"]), "cache-dir": self.cache_dir, **extra})
+        path = self.root / "run.toml"
+        path.write_text(cfg.to_toml())
+        return path
+
+    def start_run(self, out: Path, **extra: object) -> subprocess.Popen[bytes]:
+        return self.procs.start("run", "run", "--server", self.address, "--ca", str(self.certs / "ca.pem"), "--config", str(self.run_config(**extra)), "--out", str(out))
+
+
+@pytest.fixture(scope="session")
+def deploy_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_folders(tmp_path_factory.mktemp("deploy-images"), ["server", *SITES])
+
+
+@pytest.fixture
+def federation(tmp_path: Path, deploy_images: dict[str, Path], cache_dir: str) -> Federation:
+    """Certificates, three registered site keys and a running TLS server (sites not started)."""
+    certs = tmp_path / "certs"
+    init_ca(certs, ["127.0.0.1"])
+    for site in [*SITES, "rogue"]:
+        add_site(certs, site)
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(REPO), FLWR_HOME=str(tmp_path / "flwr-home"),
+        FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )  # fmt: skip
+    procs = Procs(tmp_path / "logs", env)
+    fed = Federation(tmp_path, procs, free_port(), certs, tmp_path / "server-state", deploy_images, env, cache_dir)
+    try:
+        fed.start_server()
+        for site in SITES:
+            fed.register(site)
+        yield fed
+    finally:
+        procs.stop_all()
