@@ -69,9 +69,24 @@ class SiteGuard(Strategy):
         self.names: dict[int, str] = {}
         self.current = RoundReport()
         self._sent: list[int] = []
+        self._sent_msgs: list[Message] = []
+
+    def _source(self, msg: Message) -> int:
+        """The site a reply is about: the SuperLink answers for an unreachable site
+        (as node ``SUPERLINK_NODE_ID``), so such errors are traced back via ``reply_to``."""
+        node = msg.metadata.src_node_id
+        if not msg.has_error():
+            return node
+        for sent in self._sent_msgs:
+            try:
+                if sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return sent.metadata.dst_node_id
+            except RuntimeError:  # a message that never got an id (not sent)
+                continue
+        return node
 
     def _name(self, msg: Message) -> str:
-        node = msg.metadata.src_node_id
+        node = self._source(msg)
         if msg.has_content() and SITE_RECORD in msg.content.config_records:
             self.names[node] = str(msg.content.config_records[SITE_RECORD]["name"])
         return self.site_name(node)
@@ -89,7 +104,7 @@ class SiteGuard(Strategy):
         for msg in replies:
             name = self._name(msg)
             if msg.has_error():
-                self.current.failed[msg.metadata.src_node_id] = f"{phase}: {msg.error.reason}"
+                self.current.failed[self._source(msg)] = f"{phase}: {msg.error.reason}"
                 verb = "declined" if is_refusal(msg.error.reason) else "failed in"
                 _log.warning("site %s %s %s: %s", name, verb, phase, last_line(msg.error.reason))
             else:
@@ -103,11 +118,12 @@ class SiteGuard(Strategy):
         self.current = RoundReport()
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self._sent = [m.metadata.dst_node_id for m in messages]
+        self._sent_msgs = messages
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = self._split(replies, "train")
-        answered = {m.metadata.src_node_id for m in replies}
+        answered = {self._source(m) for m in replies}
         for node in self._sent:
             if node not in answered:
                 self.current.failed[node] = "train: no reply within round-timeout (site down or too slow)"
@@ -137,7 +153,9 @@ class SiteGuard(Strategy):
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self._sent_msgs = [*self._sent_msgs, *messages]
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = self._split(replies, "evaluate")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from server.certs import add_site, init_ca
 from shared.config import FedConfig
 
 from .images import write_folders
-from .procs import Procs, free_port, wait_for
+from .procs import Procs, free_port, listening, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ["site-a", "site-b", "site-c"]
@@ -32,14 +31,6 @@ RUN = {
     "round-timeout": 90.0,
     "target-epsilon": 8.0,
 }
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -64,7 +55,7 @@ class Federation:
 
     def start_server(self) -> None:
         self.procs.start("server", "server", "start", "--certs", str(self.certs), "--state-dir", str(self.state), "--host", "127.0.0.1", "--port", str(self.port))
-        wait_for(lambda: _listening(self.port), 60, "the server to listen")
+        wait_for(lambda: listening(self.port), 60, "the server to listen")
 
     def register(self, site: str) -> None:
         r = self.fedlens("server", "add-site", site, str(self.certs / "sites" / f"{site}.pub"), "--state-dir", str(self.state))

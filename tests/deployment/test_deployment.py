@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import signal
+import subprocess
 
 import pytest
 
+from server.certs import CertPaths, init_ca, issue_server_cert
+from server.control import flower_env
+from server.superlink import ServerSettings, superlink_command
 from shared.privacy import PrivacyLedger
 
 from .conftest import SITES, Federation
-from .procs import wait_for
+from .procs import free_port, listening, wait_for
 
 pytestmark = pytest.mark.deployment
 
@@ -40,3 +46,98 @@ def test_three_sites_two_rounds_over_tls(federation: Federation, tmp_path):
         assert [e.round for e in entries] == [1, 2]
     log = federation.procs.log("run")
     assert "round 2/2" in log and "final accuracy" in log
+
+
+def _records(out):
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_site_killed_mid_round_run_finishes_and_site_rejoins(federation: Federation, tmp_path):
+    for site in SITES:
+        federation.start_site(site)
+    wait_for(lambda: federation.online() == set(SITES), 90, "three sites online")
+    out = tmp_path / "run"
+    run = federation.start_run(out, **{"num-rounds": 3, "round-timeout": 60.0})
+    wait_for(lambda: "Receiving: train message" in federation.procs.log("site-c"), 180, "site-c to receive round 1")
+    federation.procs.stop("site-c", signal.SIGKILL)  # crash mid-round
+    wait_for(lambda: len(_records(out)) >= 1, 240, "round 1 to complete without site-c")
+    federation.start_site("site-c")  # the site comes back
+    assert run.wait(timeout=600) == 0, federation.procs.log("run")[-3000:]
+    records = _records(out)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert set(records[0]["sites_train"]) == {"site-a", "site-b"} and records[0]["failures"]
+    assert "site-c" in records[-1]["sites_train"], "the restarted site did not rejoin"
+    assert _summary(out)["rounds"] == 3
+
+
+def test_server_killed_after_round_1_resumes_from_checkpoint(federation: Federation, tmp_path):
+    for site in SITES:
+        federation.start_site(site)
+    wait_for(lambda: federation.online() == set(SITES), 90, "three sites online")
+    out = tmp_path / "run"
+    run = federation.start_run(out, **{"num-rounds": 3})
+    wait_for(lambda: len(_records(out)) >= 1, 240, "round 1")
+    federation.procs.stop("server", signal.SIGKILL)  # the server host crashes
+    first = _records(out)
+    federation.start_server()  # same state folder: database and site registry survive
+    assert run.wait(timeout=600) == 0, federation.procs.log("run")[-3000:]
+    records = _records(out)
+    assert [r["round"] for r in records] == [1, 2, 3]  # nothing completed was lost or repeated
+    assert records[0] == first[0]
+    assert "resuming" in federation.procs.log("run")
+    for site in SITES:  # a round re-sent after the restart is not paid for twice
+        entries = PrivacyLedger(federation.root / "state" / site).entries()
+        assert sorted({e.round for e in entries}) == [1, 2, 3] and len(entries) == 3, entries
+
+
+def _client(federation: Federation, name: str, *args: str, timeout: float = 90):
+    """Run `fedlens client start` to its end (it must refuse) and return (exit code, output)."""
+    proc = federation.procs.start(name, "client", "start", "--server", federation.address, "--data",
+                                  str(federation.data["site-a"]), "--state-dir", str(federation.root / "state" / name), *args)  # fmt: skip
+    code = proc.wait(timeout=timeout)
+    return code, federation.procs.log(name)
+
+
+def test_rejections_say_what_is_wrong_and_how_to_fix_it(federation: Federation, tmp_path):
+    certs = federation.certs
+    ca, key = str(certs / "ca.pem"), str(certs / "sites" / "site-a.key")
+
+    code, out = _client(federation, "rogue", "--ca", ca, "--key", str(certs / "sites" / "rogue.key"))
+    assert code == 3 and "not registered" in out and "fedlens server add-site" in out
+
+    code, out = _client(federation, "plain", "--insecure")
+    assert code == 2 and "requires TLS" in out and "drop --insecure" in out
+
+    other = tmp_path / "other-ca"
+    init_ca(other, ["127.0.0.1"])
+    code, out = _client(federation, "other-ca", "--ca", str(other / "ca.pem"), "--key", key)
+    assert code == 2 and "not signed by your CA" in out
+
+    code, out = _client(federation, "wrong-name", "--ca", ca, "--key", key, "--server", f"localhost:{federation.port}")
+    assert code == 2 and "does not cover the name you dial (localhost)" in out
+
+    # Revoking a site: its (formerly valid) key stops working.
+    r = federation.fedlens("server", "remove-site", "site-c", "--state-dir", str(federation.state))
+    assert r.returncode == 0, r.stderr
+    code, out = _client(federation, "revoked", "--ca", ca, "--key", str(certs / "sites" / "site-c.key"), "--name", "site-c")
+    assert code == 3 and "not registered" in out
+
+
+def test_expired_server_certificate_is_refused_by_server_and_site(federation: Federation, tmp_path):
+    expired = tmp_path / "expired"
+    init_ca(expired, ["127.0.0.1"])
+    issue_server_cert(CertPaths(expired), ["127.0.0.1"], days=1, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30), force=True)
+    r = federation.fedlens("server", "start", "--certs", str(expired), "--state-dir", str(tmp_path / "s2"), "--port", str(free_port()))
+    assert r.returncode == 2 and "not now" in r.stderr and "--force" in r.stderr
+    # A server that serves it anyway (started without fedlens' checks) is refused by the site.
+    port = free_port()
+    settings = ServerSettings(state_dir=tmp_path / "s3", certs=expired, host="127.0.0.1", port=port)
+    (tmp_path / "s3").mkdir()
+    raw = subprocess.Popen(superlink_command(settings), env=flower_env(FLWR_HOME=str(tmp_path / "home3")), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    federation.procs.procs["raw-superlink"] = raw
+    wait_for(lambda: listening(port), 60, "the raw SuperLink")
+    code, out = _client(federation, "sees-expired", "--ca", str(expired / "ca.pem"), "--key", str(federation.certs / "sites" / "site-a.key"),
+                        "--server", f"127.0.0.1:{port}")  # fmt: skip
+    assert code == 2 and "has expired" in out
