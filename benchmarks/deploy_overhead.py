@@ -1,0 +1,113 @@
+"""Per-round wall time: a real deployment (server + sites as processes, TLS + auth) vs simulation.
+
+Same tiny work in both: 2 sites x 60 images of 32 px (3 classes), the default model
+and DP-SGD, `--rounds` rounds. The deployment runs `fedlens server start`, two
+`fedlens client start` and `fedlens run` on loopback; the simulation runs
+`fedlens simulate` on the same images. It also times what every deployed message
+pays because Flower starts a fresh app process per message: importing the ClientApp
+and loading the site.
+
+    python benchmarks/deploy_overhead.py [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.deployment.images import write_folders  # noqa: E402
+from tests.deployment.procs import Procs, free_port, listening, wait_for  # noqa: E402
+
+from server.certs import add_site, init_ca  # noqa: E402
+from shared.config import FedConfig  # noqa: E402
+
+SITES = ["site-a", "site-b"]
+
+
+def _round_times(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in records]
+    return [b - a for a, b in zip(elapsed, elapsed[1:])]
+
+
+def _per_message_startup(env: dict[str, str], site_dir: Path, cache: str) -> float:
+    """Seconds a fresh process needs to import the ClientApp and load a deployed site."""
+    code = (
+        "import time; t=time.perf_counter(); import client.app; from client.site import load_site; "
+        "from shared.config import FedConfig; "
+        f"cfg=FedConfig.from_mapping({{'image-size': 32, 'batch-size': 16, 'cache-dir': {cache!r}}}); "
+        f"load_site(cfg, {{'data-path': {str(site_dir)!r}, 'site-name': 'site-a'}}); print(time.perf_counter()-t)"
+    )
+    runs = [float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1]) for _ in range(3)]
+    return sorted(runs)[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="fedlens-deploy-bench-"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FLWR_HOME": str(root / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
+    data = write_folders(root / "images", ["server", *SITES])
+    pooled = root / "pooled"  # the same images in one folder, for the simulation
+    for name in ("server", *SITES):
+        shutil.copytree(data[name], pooled, dirs_exist_ok=True)
+    cache = str(root / "cache")
+    base = {"dataset": "folder", "image-size": 32, "batch-size": 16, "num-rounds": args.rounds, "num-sites": 2,
+            "min-sites": 2, "cache-dir": cache, "target-epsilon": 8.0}  # fmt: skip
+    procs = Procs(root / "logs", env)
+    try:
+        certs = root / "certs"
+        init_ca(certs, ["127.0.0.1"])
+        port = free_port()
+        procs.start("server", "server", "start", "--certs", str(certs), "--state-dir", str(root / "server"), "--host", "127.0.0.1", "--port", str(port))
+        wait_for(lambda: listening(port), 60, "server")
+        for site in SITES:
+            add_site(certs, site)
+            subprocess.run([sys.executable, "-m", "simulations.cli", "server", "add-site", site, str(certs / "sites" / f"{site}.pub"),
+                            "--state-dir", str(root / "server")], env=env, check=True, capture_output=True)  # fmt: skip
+            procs.start(site, "client", "start", "--server", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem"),
+                        "--key", str(certs / "sites" / f"{site}.key"), "--data", str(data[site]), "--state-dir", str(root / "state" / site),
+                        "--max-epsilon", "1000", "--allow-evaluation", "--port", str(free_port()))  # fmt: skip
+        time.sleep(10)
+        cfg_file = root / "deploy.toml"
+        cfg_file.write_text(FedConfig.from_mapping({**base, "data-path": str(data["server"]), "test-fraction": 0.5}).to_toml())
+        started = time.monotonic()
+        run = procs.start("run", "run", "--server", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem"), "--config", str(cfg_file), "--out", str(root / "deploy-run"))
+        if run.wait(timeout=1800) != 0:
+            raise SystemExit(procs.log("run")[-3000:])
+        deploy_wall = time.monotonic() - started
+    finally:
+        procs.stop_all()
+    deploy = _round_times(root / "deploy-run")
+
+    sim_file = root / "sim.toml"
+    sim_file.write_text(FedConfig.from_mapping({**base, "data-path": str(pooled), "test-fraction": 1 / 3, "partition": "iid"}).to_toml())
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--config", str(sim_file), "--out", str(root / "sim-run")], env=env, check=True, capture_output=True)
+    sim_wall = time.monotonic() - started
+    sim = _round_times(root / "sim-run")
+    startup = _per_message_startup(env, data["site-a"], cache)
+
+    d, s = sum(deploy) / len(deploy), sum(sim) / len(sim)
+    print(f"rounds {args.rounds}; per-round time after round 1 (rounds 2..{args.rounds})")
+    print(f"  deployment  {' '.join(f'{t:.1f}' for t in deploy)}  mean {d:.1f}s  (whole run {deploy_wall:.0f}s)")
+    print(f"  simulation  {' '.join(f'{t:.1f}' for t in sim)}  mean {s:.1f}s  (whole run {sim_wall:.0f}s)")
+    print(f"  per message: fresh app process imports the ClientApp and loads the site in {startup:.1f}s (x2 messages per round)")
+    print(f"RESULT deploy_round_s={d:.2f} sim_round_s={s:.2f} ratio={d / s:.2f} message_startup_s={startup:.2f}")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
