@@ -52,9 +52,6 @@ def flower_env(**extra: str) -> dict[str, str]:
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         PYTHONUNBUFFERED="1",
     )
-    # SuperExec polls for new app processes to start every 1 s by default; a message waits
-    # for that poll at the server and at each site, so poll faster (cheap: a local call).
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     env.update(extra)
     return env
 

@@ -98,6 +98,23 @@ def _cmd_privacy_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from shared.explain import DEFAULT_METHODS, ExplainOptions, explain
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else DEFAULT_METHODS
+    if args.per_class < 1:
+        raise FedlensError("--per-class must be at least 1")
+    options = ExplainOptions(methods=methods, per_class=args.per_class, smoothgrad=args.smoothgrad, seed=args.seed)
+    report = explain(args.model, args.data, args.out, options)
+    perf = report["performance"]
+    print(f"accuracy {perf['accuracy']:.4f}  macro-F1 {perf['macro_f1']:.4f} on {report['data']['images']} images")
+    for name, t in report["trust"]["methods"].items():
+        flag = "  FLAGGED by the randomisation check" if t["flagged"] else ""
+        print(f"  {name:<22} faithfulness {t['faithfulness']:+.3f}  randomisation rho {t['randomisation_rank_correlation']:.2f}{flag}")
+    print(f"report: {Path(args.out).resolve() / 'report.html'}  ({report['seconds']:.0f}s)")
+    return 0
+
+
 def _print_result(summary: dict[str, object], out: str | Path) -> None:
     acc, f1 = summary.get("final_accuracy"), summary.get("final_macro_f1")
     accuracy = f"final accuracy {acc:.4f}  macro-F1 {f1:.4f}" if acc is not None else "no round completed"
@@ -151,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the site's state folder")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=_cmd_privacy_show)
+
+    from shared.explain.methods import method_names
+
+    p = sub.add_parser("explain", help="explainability report (Captum) of a model on labelled images",
+                       description="Write a self-contained HTML report (and report.json): model card, performance, "
+                                   "attribution maps and how far to trust each method. Runs where the images are.")  # fmt: skip
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL_OR_RUN_DIR", help="model.safetensors or a run folder")
+    p.add_argument("--data", required=True, metavar="DIR|fashion-mnist", help="image folder (one sub-folder per class) or fashion-mnist (test split)")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--methods", help=f"comma list (default all): {','.join(method_names())}")
+    p.add_argument("--per-class", type=int, default=10, help="images explained per class (default 10)")
+    p.add_argument("--smoothgrad", type=int, default=0, metavar="N", help="SmoothGrad noise tunnel on Integrated Gradients with N samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_explain)
 
     from client.cli import add_commands as add_client_commands
     from server.cli import add_commands as add_server_commands
