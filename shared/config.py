@@ -115,6 +115,10 @@ class FedConfig:
     secagg_shares: int = _opt(3, "SecAgg+: secret shares per site's key (>= 2)")
     secagg_threshold: int = _opt(2, "SecAgg+: shares needed to reconstruct a dropped site's mask (<= secagg-shares)")
     secagg_clip_range: float = _opt(8.0, "SecAgg+: update values are clipped to +/- this before quantisation")
+    # --- explainability -------------------------------------------------------
+    # Small by default: the end-of-simulation report adds ~2 s per explained image on 2 CPU
+    # cores; `fedlens explain` makes larger ones.
+    report_per_class: int = _opt(2, "test images per class explained in the end-of-simulation report (0 = no report)")
     # --- run ------------------------------------------------------------------
     seed: int = _opt(0, "seed for partitions, sampling, initialisation and shuffling")
     device: str = _opt("auto", "auto uses CUDA when present", DEVICES)
@@ -214,6 +218,7 @@ def _check_ranges(cfg: FedConfig) -> None:
             raise ConfigError(message)
 
     need(0.0 < cfg.test_fraction < 1.0, f"`test-fraction` must be in (0, 1), got {cfg.test_fraction}")
+    need(cfg.report_per_class >= 0, f"`report-per-class` must be >= 0, got {cfg.report_per_class}")
     need(0.0 <= cfg.site_eval_fraction < 1.0, f"`site-eval-fraction` must be in [0, 1), got {cfg.site_eval_fraction}")
     need(cfg.max_train_images >= 0 and cfg.max_test_images >= 0, "`max-train-images` and `max-test-images` must be >= 0")
     need(cfg.num_sites >= 1, f"`num-sites` must be at least 1, got {cfg.num_sites}")

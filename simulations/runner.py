@@ -157,7 +157,21 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
     if status.get("status") != "finished":
         run.set_status("failed", reason="the server app ended without finishing the run")
         raise SimulationFailed(f"the federated run ended without finishing; see {run.path}")
-    return run.read_json("summary.json")
+    summary = run.read_json("summary.json")
+    if cfg.report_per_class > 0 and run.completed_rounds() > 0:
+        _report(cfg, run, test)
+    return summary
+
+
+def _report(cfg: FedConfig, run: RunDir, test: Any) -> None:
+    """The explainability report of the final model on the test set (``report/``)."""
+    from shared.explain import ExplainOptions, explain
+
+    _log.info("explainability report: %d test images per class", cfg.report_per_class)
+    try:
+        explain(run.path, test, run.path / "report", ExplainOptions(per_class=cfg.report_per_class, seed=cfg.seed))
+    except FedlensError as exc:  # the run itself succeeded: say why there is no report, keep going
+        _log.warning("no explainability report: %s", exc)
 
 
 def centralized(cfg: FedConfig, out: str | Path) -> dict[str, Any]:

@@ -167,7 +167,7 @@ def render_html(report: dict[str, Any], images: torch.Tensor, maps: dict[str, to
     rows = [("backbone", card["backbone"]), ("weights", card["weights"]), ("fine-tuned part", f"{card['policy']} (low-rank adapters r={card['lora_rank']})" if card["lora_rank"] else card["policy"]),
             ("rounds", card["rounds"]), ("sites", card["sites"]), ("strategy", card["strategy"]), ("training data", card["dataset"]), ("image size", f"{card['image_size']} px")]  # fmt: skip
     if card["private"] is None:
-        rows.append(("privacy", "unknown (no run summary next to this model)"))
+        rows.append(("privacy", "unknown (no privacy record next to this model: summary.json missing or older than DP support)"))
     elif card["private"]:
         rows.append(("privacy", "differentially private (DP-SGD at every site)"))
     else:

@@ -75,8 +75,10 @@ def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return task, meta
 
 
-def _load_images(data: str, cfg: FedConfig, classes: list[str]) -> ImageSet:
-    if data == "fashion-mnist":
+def _load_images(data: str | ImageSet, cfg: FedConfig, classes: list[str]) -> ImageSet:
+    if isinstance(data, ImageSet):
+        images = data
+    elif data == "fashion-mnist":
         _train, test = load_dataset(FedConfig.from_mapping({"dataset": "fashion-mnist", "data-path": ""}, base=cfg))
         images = test
     else:
@@ -85,13 +87,13 @@ def _load_images(data: str, cfg: FedConfig, classes: list[str]) -> ImageSet:
             _log.warning("%s", report.summary())
     if list(images.classes) != list(classes):
         raise DataError(
-            f"the classes in {data} ({', '.join(images.classes)}) are not the model's ({', '.join(classes)}); "
+            f"the classes in {data if isinstance(data, str) else images.name} ({', '.join(images.classes)}) are not the model's ({', '.join(classes)}); "
             "use a folder with one sub-folder per model class, named the same"
         )
     counts = np.bincount(images.labels.numpy(), minlength=len(classes))
     empty = [c for c, k in zip(classes, counts) if k == 0]
     if empty:
-        _log.warning("class(es) %s have no images in %s: no metrics or examples for them in the report", ", ".join(empty), data)
+        _log.warning("class(es) %s have no images in %s: no metrics or examples for them in the report", ", ".join(empty), images.name)
     return images
 
 
@@ -109,15 +111,16 @@ def _pick(labels: np.ndarray, preds: np.ndarray, per_class: int, seed: int) -> l
     return chosen
 
 
-def explain(model: str | Path, data: str, out: str | Path, options: ExplainOptions | None = None) -> dict[str, Any]:
+def explain(model: str | Path, data: str | ImageSet, out: str | Path, options: ExplainOptions | None = None) -> dict[str, Any]:
     """Write ``report.html`` and ``report.json`` for ``model`` on ``data`` into ``out``.
 
     Parameters
     ----------
     model : path-like
         ``model.safetensors`` or a run folder (then its ``summary.json`` feeds the model card).
-    data : str
-        An image folder (one sub-folder per class) or ``fashion-mnist`` (its test split).
+    data : str or ImageSet
+        An image folder (one sub-folder per class), ``fashion-mnist`` (its test split),
+        or images already loaded (a simulation's test set).
     out : path-like
         Folder for the report (created).
     """
@@ -129,9 +132,10 @@ def explain(model: str | Path, data: str, out: str | Path, options: ExplainOptio
     task, meta = load_model(model)
     cfg, classes = task.cfg, list(meta["classes"])
     images = _load_images(data, cfg, classes)
+    source = data if isinstance(data, str) else f"{images.name} ({len(images)} images)"
     if len(images) == 0:
-        raise DataError(f"{data} holds no readable images")
-    _log.info("explaining %s on %d images of %s", model, len(images), data)
+        raise DataError(f"{source} holds no readable images")
+    _log.info("explaining %s on %d images of %s", model, len(images), source)
 
     # Performance on every image.
     prepared = task.prepare(images, for_training=False)
@@ -148,8 +152,8 @@ def explain(model: str | Path, data: str, out: str | Path, options: ExplainOptio
 
     # Attributions for the chosen examples, on the plain model (eval mode, CPU).
     chosen = _pick(labels, preds, o.per_class, o.seed)
-    net = task.model.float().eval().to(memory_format=torch.contiguous_format)
-    x = task.transform(images.images[chosen], train=False).contiguous()
+    net = task.model.float().eval()  # channels-last on CPU, as in training: depthwise convs run faster
+    x = task.transform(images.images[chosen], train=False).contiguous(memory_format=torch.channels_last)
     predicted = torch.as_tensor(preds[chosen])
     mo = MethodOptions(internal_batch_size=o.internal_batch_size, smoothgrad_samples=o.smoothgrad, seed=o.seed)
     maps, timings, trust = {}, {}, {}
@@ -179,7 +183,7 @@ def explain(model: str | Path, data: str, out: str | Path, options: ExplainOptio
     hardest = sorted(range(len(classes)), key=lambda c: perf.f1[c] if not math.isnan(perf.f1[c]) else 2.0)[:3]
     report = {
         "model": _model_card(model, meta, summary),
-        "data": {"source": data, "images": len(images), "per_class": np.bincount(labels, minlength=len(classes)).tolist()},
+        "data": {"source": source, "images": len(images), "per_class": np.bincount(labels, minlength=len(classes)).tolist()},
         "performance": {**perf.to_dict(), "classes": classes, "hardest_classes": [classes[c] for c in hardest], "roc": roc},
         "methods": {n: {"title": get_method(n).title, "summary": get_method(n).summary} for n in o.methods},
         "trust": {"chance": {"deletion_auc": chance.deletion_auc, "insertion_auc": chance.insertion_auc}, "methods": trust, "sanity_flag_at": SANITY_FLAG},

@@ -21,6 +21,7 @@ TINY = {
     "partition": "iid",
     "batch-size": 16,
     "target-epsilon": 3.0,
+    "report-per-class": 0,
 }
 
 

@@ -25,6 +25,7 @@ TINY = {
     "image-size": 32,
     "partition": "iid",
     "batch-size": 16,
+    "report-per-class": 0,
 }
 
 
@@ -34,8 +35,9 @@ def _cfg(cache_dir: str, **extra) -> FedConfig:
 
 def test_two_sites_one_round_writes_every_artifact(tmp_path, cache_dir):
     out = tmp_path / "run"
-    summary = simulate(_cfg(cache_dir), out)
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.safetensors", "partitions.json", "accuracy.png", "loss.png"):
+    summary = simulate(_cfg(cache_dir, **{"report-per-class": 1}), out)
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.safetensors", "partitions.json", "accuracy.png", "loss.png",
+                 "report/report.html", "report/report.json"):
         assert (out / name).is_file(), name
     for key in ("final_accuracy", "final_macro_f1", "rounds", "num_sites", "wall_seconds", "bytes_per_site_round", "full_model_bytes"):
         assert key in summary, key
