@@ -132,6 +132,9 @@ def _print_result(summary: dict[str, object], out: str | Path) -> None:
     if summary.get("stopped_early"):
         print(f"stopped early: {summary['stopped_early']}")
     print(f"artifacts: {Path(out).resolve()}")
+    report = Path(out) / "report" / "report.html"
+    if report.is_file():
+        print(f"explainability report: {report.resolve()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
