@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from shared.checkpoint import save_checkpoint
 from shared.config import FedConfig
 from shared.privacy import DPRequest, PrivacyLedger, RoundPlan, SiteRefusal, plan_round
 from shared.privacy.budget import allows_evaluation, allows_non_private
@@ -36,6 +37,20 @@ _log = logging.getLogger("fedlens.client")
 
 def _round(config: Mapping[str, object]) -> int:
     return int(config.get("server-round", 0)) + int(config.get(ROUND_OFFSET, 0))  # type: ignore[call-overload]
+
+
+# A deployed site keeps the last global model it received, so it can explain it on its own
+# images (`fedlens explain --model STATE_DIR/global-model.safetensors --data DIR`).
+GLOBAL_MODEL = "global-model.safetensors"
+
+
+def _keep_global_model(site: Site, node_config: Mapping[str, object], *, round: int) -> None:
+    state_dir = node_config.get("state-dir")
+    if site.simulated or not state_dir:
+        return
+    Path(str(state_dir)).mkdir(parents=True, exist_ok=True)
+    save_checkpoint(Path(str(state_dir)) / GLOBAL_MODEL, site.task.model.state_dict(), config=site.task.cfg.to_dict(),
+                    classes=list(site.classes), round=round, site=site.name)  # fmt: skip
 
 
 # Fault injection for resilience tests and drills: sites named here fail every
@@ -62,7 +77,7 @@ def _site_update(
                 f"{site.name} refuses to train without differential privacy (the run has dp = false); "
                 "only a site started with allow-non-private=true joins non-private runs"
             )
-        return _train_locally(site, state, config, rnd=rnd, run_id=run_id, plan=None, ledger=None)
+        return _train_locally(site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, plan=None, ledger=None)
     budget, ledger = site_privacy(site, node_config, state_root=state_root)
     with ledger.lock():
         outbox, digest = UpdateOutbox(ledger.state_dir), state_digest(state)
@@ -72,16 +87,19 @@ def _site_update(
             return sent
         # Decide before training: a refused round spends nothing.
         plan = plan_round(ledger, budget, DPRequest.from_config(cfg, run_id), num_examples=len(site.train), site=site.name)
-        update, num_examples, metrics = _train_locally(site, state, config, rnd=rnd, run_id=run_id, plan=plan, ledger=ledger)
+        update, num_examples, metrics = _train_locally(
+            site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, plan=plan, ledger=ledger
+        )
         outbox.put(run_id=run_id, round=rnd, digest=digest, state=update, num_examples=num_examples, metrics=metrics)
         return update, num_examples, metrics
 
 
 def _train_locally(
-    site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, rnd: int, run_id: str, plan: RoundPlan | None, ledger: PrivacyLedger | None
+    site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, node_config: Mapping[str, object], rnd: int, run_id: str, plan: RoundPlan | None, ledger: PrivacyLedger | None
 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
     cfg = site.task.cfg
     site.task.load_trainable(state)
+    _keep_global_model(site, node_config, round=rnd - 1)
     stats = site.task.train(
         site.train,
         epochs=cfg.local_epochs,
@@ -142,6 +160,7 @@ def _evaluate(site: Site, msg: Message, node_config: dict[str, object]) -> Messa
             "start the site with allow-evaluation=true to allow it"
         )
     site.task.load_trainable(msg.content["arrays"].to_torch_state_dict())
+    _keep_global_model(site, node_config, round=_round(msg.content.config_records.get("config", ConfigRecord())))
     if len(site.eval) == 0:
         metrics = {NUM_EXAMPLES: 0, UNIT_WEIGHT: 1, "accuracy": 0.0, "loss": 0.0, "macro_f1": 0.0}
     else:

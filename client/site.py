@@ -35,6 +35,7 @@ class Site:
     train: LocalData
     eval: LocalData
     simulated: bool
+    classes: tuple[str, ...] = ()
 
 
 @functools.lru_cache(maxsize=2)
@@ -57,11 +58,11 @@ def _partition(cfg_json: str, site: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _folder(cfg_json: str, data_path: str, name: str) -> tuple[Task, LocalData, np.ndarray]:
+def _folder(cfg_json: str, data_path: str, name: str) -> tuple[Task, LocalData, np.ndarray, tuple[str, ...]]:
     cfg = FedConfig.from_mapping(json.loads(cfg_json))
     images, _report = load_image_folder(data_path, image_size=cfg.image_size, name=name)
     task = Task(cfg, images.num_classes)
-    return task, task.prepare(images, for_training=True), images.labels.numpy()
+    return task, task.prepare(images, for_training=True), images.labels.numpy(), tuple(images.classes)
 
 
 def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
@@ -80,14 +81,15 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
         data = pool_data.subset(torch.as_tensor(idx))
         labels = pool.labels.numpy()[idx]
         name = f"site-{site_id}"
+        classes = tuple(pool.classes)
     else:
         data_path = str(node_config.get("data-path") or cfg.data_path)
         name = str(node_config.get("site-name") or "site")
         if "device" in node_config:  # the site's hardware is the site's choice
             cfg = FedConfig.from_mapping({"device": str(node_config["device"])}, base=cfg)
-        task, data, labels = _folder(cfg.to_json(), data_path, name)
+        task, data, labels, classes = _folder(cfg.to_json(), data_path, name)
     train, held = local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
-    return Site(name=name, task=task, train=train, eval=held, simulated=_is_simulated(node_config))
+    return Site(name=name, task=task, train=train, eval=held, simulated=_is_simulated(node_config), classes=classes)
 
 
 def _is_simulated(node_config: dict[str, object]) -> bool:

@@ -13,9 +13,12 @@ import pytest
 from server.certs import CertPaths, init_ca, issue_server_cert
 from server.control import flower_env
 from server.superlink import ServerSettings, superlink_command
+from shared.checkpoint import read_checkpoint_meta
+from shared.explain import ExplainOptions, explain
 from shared.privacy import PrivacyLedger
 
 from .conftest import SITES, Federation
+from .images import CLASSES
 from .procs import free_port, listening, wait_for
 
 pytestmark = pytest.mark.deployment
@@ -46,6 +49,12 @@ def test_three_sites_two_rounds_over_tls(federation: Federation, tmp_path):
         assert [e.round for e in entries] == [1, 2]
     log = federation.procs.log("run")
     assert "round 2/2" in log and "final accuracy" in log
+    # Each site kept the last global model and can explain it on its own images.
+    kept = federation.root / "state" / "site-a" / "global-model.safetensors"
+    meta = read_checkpoint_meta(kept)
+    assert meta["round"] == 2 and meta["classes"] == sorted(CLASSES) and meta["site"] == "site-a"
+    report = explain(kept, str(federation.data["site-a"]), tmp_path / "site-report", ExplainOptions(methods=("saliency",), per_class=1, sanity_images=2))
+    assert report["data"]["images"] == 60 and (tmp_path / "site-report" / "report.html").is_file()
 
 
 def _records(out):
