@@ -74,7 +74,7 @@ def check_server(address: str, ca: Path | None, *, timeout: float = 10.0) -> str
         raw = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         _log.warning("server %s not reachable yet (%s); the site will keep trying to connect", address, exc.strerror or exc)
-        return "unreachable"
+        return f"TLS not checked: {address} is not reachable yet"
     with raw:
         if ca is None:
             return _check_plaintext(raw, address)
