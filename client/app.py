@@ -48,9 +48,12 @@ def _keep_global_model(site: Site, node_config: Mapping[str, object], *, round: 
     state_dir = node_config.get("state-dir")
     if site.simulated or not state_dir:
         return
-    Path(str(state_dir)).mkdir(parents=True, exist_ok=True)
-    save_checkpoint(Path(str(state_dir)) / GLOBAL_MODEL, site.task.model.state_dict(), config=site.task.cfg.to_dict(),
-                    classes=list(site.classes), round=round, site=site.name)  # fmt: skip
+    try:
+        Path(str(state_dir)).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(Path(str(state_dir)) / GLOBAL_MODEL, site.task.model.state_dict(), config=site.task.cfg.to_dict(),
+                        classes=list(site.classes), round=round, site=site.name)  # fmt: skip
+    except OSError as exc:  # a copy for explaining: never worth failing a round over
+        _log.warning("%s: could not keep the global model in %s: %s", site.name, state_dir, exc)
 
 
 # Fault injection for resilience tests and drills: sites named here fail every

@@ -9,6 +9,7 @@ the SuperNode's node config: the server's run config cannot change them.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -78,7 +79,10 @@ def check_server(address: str, ca: Path | None, *, timeout: float = 10.0) -> str
     with raw:
         if ca is None:
             return _check_plaintext(raw, address)
-        ctx = ssl.create_default_context(cafile=str(ca))
+        try:
+            ctx = ssl.create_default_context(cafile=str(ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConnectError(f"--ca {ca} is not a PEM CA certificate ({exc}); pass the federation's ca.pem") from exc
         try:
             with ctx.wrap_socket(raw, server_hostname=host) as tls:
                 return f"TLS {tls.version()} to {address}, certificate verified against {ca}"
@@ -190,8 +194,9 @@ INSECURE_BANNER = "INSECURE SITE: --insecure sends model updates in plaintext an
 
 # Flower's own failure lines, translated for a site's IT admin.
 _FLOWER_ERRORS = (
-    (re.compile(r"Failed to activate SuperNode"), "the server rejected this site's key: it is not registered (or was removed). "
-     "Send SITE.pub to the server admin, who runs `fedlens server add-site SITE SITE.pub`"),
+    (re.compile(r"Failed to activate SuperNode"), "the server did not accept this site's key: it is not registered (or was removed); "
+     "send SITE.pub to the server admin, who runs `fedlens server add-site SITE SITE.pub`. (A site restarted right after a crash "
+     "is refused the same way for about a minute, until the server notices it went away: then just start it again.)"),
     (re.compile(r"CERTIFICATE_VERIFY_FAILED"), "the server's TLS certificate was not accepted (wrong CA, expired, or a name mismatch); "
      "check --ca and the address you dial"),
     (re.compile(r"requires a secure TLS connection"), "site authentication needs TLS: pass --ca instead of --insecure"),
@@ -216,21 +221,45 @@ def run_supernode(s: SiteSettings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     assert proc.stdout is not None
-    fatal = None
+    recent: collections.deque[str] = collections.deque(maxlen=60)
+    since_exit: int | None = None  # lines read since Flower's "Exit Code: 30x"
     try:
         for line in proc.stdout:
             sys.stderr.write(line)
-            for pattern, message in _FLOWER_ERRORS:
-                if pattern.search(line):
-                    fatal = message
-            if fatal:
-                _log.error("%s: %s", s.name, fatal)
-                _terminate(proc)
-                return 3
+            recent.append(line)
+            if since_exit is None and _EXIT.search(line):
+                since_exit = 0
+            elif since_exit is not None:
+                since_exit += 1
+            if since_exit is not None and since_exit >= 6:  # the reason follows the code line
+                message = _reason(recent)
+                if message:
+                    _log.error("%s: %s", s.name, message)
+                    _terminate(proc)
+                    return 3
+                since_exit = None
     except KeyboardInterrupt:
         _terminate(proc)
         return 130
-    return proc.wait()
+    code = proc.wait()
+    message = _reason(recent) if code != 0 and any(_EXIT.search(line) for line in recent) else None
+    if message:
+        _log.error("%s: %s", s.name, message)
+        return 3
+    return code
+
+
+# Flower's SuperNode prints "Exit Code: 3xx" when it cannot connect; only the lines around
+# it (not the training app's own output) are read for the reason.
+_EXIT = re.compile(r"Exit Code: 30\d")
+
+
+def _reason(recent: "collections.deque[str]") -> str | None:
+    text = "".join(recent)
+    for pattern, message in _FLOWER_ERRORS:
+        if pattern.search(text):
+            return message
+    return None
 
 
 def _terminate(proc: subprocess.Popen[str]) -> None:

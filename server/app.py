@@ -8,11 +8,13 @@ when no site could train.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -262,13 +264,29 @@ def build_server_app(cfg: FedConfig | None = None, out_dir: str | Path | None = 
             return
         _log_through_flower()
         run, run_cfg = _open_run_dir(context)
-        try:
-            serve(grid, run_cfg, run)
-        except Exception as exc:
-            run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-            raise
+        with _claim(run):
+            try:
+                serve(grid, run_cfg, run)
+            except Exception as exc:
+                run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+                raise
 
     return app
+
+
+@contextlib.contextmanager
+def _claim(run: RunDir) -> Iterator[None]:
+    """Hold the run folder for this ServerApp's lifetime: two servers on one run folder would
+    train two global models from the same sites (and spend their privacy budgets twice)."""
+    with open(run.path / ".server.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another server app is running the run in {run.path}; stop it (`flwr stop RUN_ID`) before resuming") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _open_run_dir(context: Context) -> tuple[RunDir, FedConfig]:

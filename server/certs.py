@@ -28,7 +28,8 @@ from shared.errors import FedlensError
 __all__ = ["CertError", "CertPaths", "init_ca", "add_site", "issue_server_cert", "site_key_paths", "parse_server_names"]
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-DEFAULT_DAYS = 825  # the longest validity browsers and most TLS stacks accept for a leaf
+DEFAULT_DAYS = 825
+LOCAL_NAMES = ("localhost", "127.0.0.1")  # the longest validity browsers and most TLS stacks accept for a leaf
 
 
 class CertError(FedlensError):
@@ -180,7 +181,10 @@ def init_ca(
     )
     _write_private(paths.ca_key, ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), force=force)
     _write_public(paths.ca_cert, ca.public_bytes(serialization.Encoding.PEM))
-    issue_server_cert(paths, server_names, days=days, force=True)  # checked above
+    # The server host's own tools (`fedlens server add-site`, `fedlens run` on the host) dial
+    # loopback, so loopback names are always covered too.
+    names = [*server_names, *(n for n in LOCAL_NAMES if n not in server_names)]
+    issue_server_cert(paths, names, days=days, force=True)  # checked above
     return paths
 
 

@@ -143,7 +143,11 @@ class Connection:
             finally:
                 if proc.poll() is None:
                     proc.terminate()
-                proc.wait(timeout=30)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         finally:
             _rmtree(home)
 

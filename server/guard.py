@@ -77,18 +77,20 @@ class SiteGuard(Strategy):
         node = msg.metadata.src_node_id
         if not msg.has_error():
             return node
+        reply_to = msg.metadata.reply_to_message_id
         for sent in self._sent_msgs:
-            try:
-                if sent.metadata.message_id == msg.metadata.reply_to_message_id:
-                    return sent.metadata.dst_node_id
-            except RuntimeError:  # a message that never got an id (not sent)
-                continue
+            if reply_to and sent.metadata.message_id == reply_to:
+                return sent.metadata.dst_node_id
         return node
 
     def _name(self, msg: Message) -> str:
         node = self._source(msg)
-        if msg.has_content() and SITE_RECORD in msg.content.config_records:
-            self.names[node] = str(msg.content.config_records[SITE_RECORD]["name"])
+        if node not in self.names and msg.has_content() and SITE_RECORD in msg.content.config_records:
+            name = str(msg.content.config_records[SITE_RECORD]["name"])
+            if name in self.names.values():  # names are self-reported: two sites must not merge
+                _log.warning("two sites call themselves %r; the one on node %d is reported as %s@%d", name, node, name, node)
+                name = f"{name}@{node}"
+            self.names[node] = name
         return self.site_name(node)
 
     def site_name(self, node: int) -> str:

@@ -67,10 +67,14 @@ def launch(
         When the ServerApp failed, or the server did not come back in time.
     """
     run_dir = run_dir.resolve()
+    app = app_dir()
+    if run_dir.is_relative_to(app) and not run_dir.is_relative_to(app / "runs"):
+        _log.warning("%s is inside the fedlens folder but not under runs/: Flower packs every such .json/.toml "
+                     "file into the app it sends to the sites; keep run folders under runs/ or outside", run_dir)  # fmt: skip
     config_file = _run_config_file(cfg, run_dir)
     try:
         for attempt in range(max_restarts + 1):
-            flower_run = conn.submit(app_dir(), config_file)
+            flower_run = conn.submit(app, config_file)
             echo(f"submitted Flower run {flower_run}{' (resuming)' if attempt else ''}; run folder {run_dir}")
             status = _follow(conn, flower_run, echo, reconnect_timeout)
             run = RunDir(run_dir)
@@ -81,6 +85,8 @@ def launch(
                 raise RunFailed(f"the run failed: {local.get('error', 'see the server log')} (Flower status {status})")
             if local.get("status") != "running":  # the ServerApp failed before the run started
                 raise RunFailed(f"the run failed to start (Flower status {status}); the server log above says why")
+            if status != "finished:failed":  # e.g. stopped by an admin (`flwr stop`): respect it
+                raise RunFailed(f"the run ended as {status!r} after round {run.completed_rounds()}; continue it with `fedlens run --resume {run_dir}`")
             if attempt < max_restarts:
                 echo(f"Flower run {flower_run} ended as {status!r} after round {run.completed_rounds()}; resuming the run")
         raise RunFailed(f"the run did not finish after {max_restarts} restart(s); continue it with `fedlens run --resume {run_dir}`")
@@ -90,13 +96,16 @@ def launch(
 
 def _follow(conn: Connection, flower_run: str, echo: Callable[[str], None], reconnect_timeout: float) -> str:
     """Stream the run's log until it ends; returns Flower's final status."""
+    shown = 0  # `flwr log --stream` replays the whole log on every reconnect
     while True:
         final_dump = False  # Flower's end-of-run metric dump repeats what metrics.jsonl holds
-        for line in conn.stream_logs(flower_run):
+        for n, line in enumerate(conn.stream_logs(flower_run)):
             line = line.rstrip()
             final_dump = final_dump or "Final results:" in line
-            if not final_dump and not _QUIET.search(line):
-                echo(line)
+            if n >= shown:
+                shown = n + 1
+                if not final_dump and not _QUIET.search(line):
+                    echo(line)
         status = _status_when_reachable(conn, flower_run, reconnect_timeout)
         if status.startswith("finished"):
             return status

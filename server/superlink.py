@@ -60,6 +60,7 @@ def check_certificates(certs: Path) -> list[str]:
         server certificate not signed by the folder's CA, each with the fix.
     """
     from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
     paths = CertPaths(certs)
@@ -81,8 +82,12 @@ def check_certificates(certs: Path) -> list[str]:
     pub = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(serialization.Encoding.PEM, pub) != cert.public_key().public_bytes(serialization.Encoding.PEM, pub):
         raise CertError(f"{paths.server_key} is not the key of {paths.server_cert}; re-issue both with `fedlens certs init --force`")
-    if cert.issuer != ca.subject:
-        raise CertError(f"{paths.server_cert} was not issued by {paths.ca_cert}; keep the CA and server certificate from one `fedlens certs init`")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise CertError(f"{paths.server_cert} was not issued by {paths.ca_cert}; keep the CA and server certificate from one `fedlens certs init`") from exc
+    if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+        raise CertError(f"the CA certificate {paths.ca_cert} is not valid now (until {ca.not_valid_after_utc:%Y-%m-%d}); create a new federation CA with `fedlens certs init --force`")
     if (now + dt.timedelta(days=30)) > cert.not_valid_after_utc:
         _log.warning("the server certificate expires on %s; re-issue it soon", f"{cert.not_valid_after_utc:%Y-%m-%d}")
     try:

@@ -102,7 +102,7 @@ def _occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, o: Metho
     stride = window  # non-overlapping patches: 36 forward passes per image
     attr = Occlusion(model).attribute(
         x, target=target, sliding_window_shapes=(int(x.shape[1]), window, window), strides=(int(x.shape[1]), stride, stride),
-        baselines=0.0, perturbations_per_eval=2 * o.internal_batch_size,
+        baselines=0.0, perturbations_per_eval=max(1, 256 // len(x)),  # <= 256 images per forward pass
     )  # fmt: skip
     # Occlusion credits the drop in the target score; only drops mean "this mattered".
     return attr.detach().sum(dim=1).clamp_min(0).float()

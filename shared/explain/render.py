@@ -75,8 +75,9 @@ def _overlays(images: torch.Tensor, maps: dict[str, torch.Tensor]) -> list[dict[
         row = {"image": _img((grey * 255).astype(np.uint8))}
         for name, m in maps.items():
             heat = m[i].numpy()
-            top = np.percentile(heat, 99) if heat.max() > 0 else 1.0
-            heat = np.clip(heat / (top or 1.0), 0, 1)
+            top = np.percentile(heat, 99)
+            top = top if top > 0 else heat.max()  # sparse maps: most pixels exactly 0
+            heat = np.clip(heat / top, 0, 1) if top > 0 else np.zeros_like(heat)
             colour = cmap(heat)[..., :3]
             blend = 0.45 * grey + 0.55 * colour
             row[name] = _img((blend * 255).astype(np.uint8))

@@ -157,15 +157,16 @@ def explain(model: str | Path, data: str | ImageSet, out: str | Path, options: E
     predicted = torch.as_tensor(preds[chosen])
     mo = MethodOptions(internal_batch_size=o.internal_batch_size, smoothgrad_samples=o.smoothgrad, seed=o.seed)
     maps, timings, trust = {}, {}, {}
-    chance = deletion_insertion(net, x, predicted, random_ranking_maps(tuple(x.shape[:1] + x.shape[2:]), seed=o.seed))
+    chance = deletion_insertion(net, x, predicted, random_ranking_maps(tuple(x.shape[:1] + x.shape[2:]), seed=o.seed), seed=o.seed)
     k = min(o.sanity_images, len(chosen))
+    spread = torch.as_tensor(np.linspace(0, len(chosen) - 1, k).round().astype(int))  # across all classes
     twin = randomized_copy(net, seed=o.seed + 1)
     for name in o.methods:
         t0 = time.monotonic()
         maps[name] = attribute(name, net, x, predicted, mo)  # explains the predicted class
         timings[name] = time.monotonic() - t0
-        faith = deletion_insertion(net, x, predicted, maps[name])
-        rho = rank_correlation(maps[name][:k], attribute(name, twin, x[:k], predicted[:k], mo))
+        faith = deletion_insertion(net, x, predicted, maps[name], seed=o.seed)
+        rho = rank_correlation(maps[name][spread], attribute(name, twin, x[spread], predicted[spread], mo))
         trust[name] = {
             "deletion_auc": faith.deletion_auc,
             "insertion_auc": faith.insertion_auc,

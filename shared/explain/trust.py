@@ -42,14 +42,20 @@ class Faithfulness:
 
 
 @torch.no_grad()
-def deletion_insertion(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor, *, batch_size: int = 64) -> Faithfulness:
+def deletion_insertion(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, maps: torch.Tensor, *, batch_size: int = 64, seed: int = 0
+) -> Faithfulness:
     """Mean deletion and insertion curves of ``maps`` over ``images``.
 
     Pixels are removed/inserted in all channels at once; "removed" means set to 0 in
-    the model's input space (the dataset-mean grey).
+    the model's input space (the dataset-mean grey). Pixels a map ties (e.g. the zeros of
+    a clamped map) are taken in random order, not raster order.
     """
     n, _c, h, w = images.shape
-    order = torch.argsort(maps.reshape(n, -1), dim=1, descending=True)
+    flat = maps.reshape(n, -1).double()
+    jitter = torch.rand(flat.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) * 1e-9
+    order = torch.argsort(flat + jitter * scale, dim=1, descending=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(h * w).expand(n, -1))
     ranks = ranks.reshape(n, 1, h, w)

@@ -107,22 +107,35 @@ class Procs:
         pids = tree(proc.pid) if proc.poll() is None else []
         self.seen.update({p: _start_time(p) for p in pids})
         for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            self._signal(pid, sig)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             for pid in tree(proc.pid):
-                os.kill(pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+                self.seen.setdefault(pid, _start_time(pid))
+                self._signal(pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
         self._reap(pids)
+
+    def _signal(self, pid: int, sig: int) -> None:
+        """Signal ``pid`` only if it is still the process we saw (not a reused PID)."""
+        if _start_time(pid) != self.seen.get(pid):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
     def stop_all(self) -> None:
         self.snapshot()
         for name in list(self.procs):
-            self.stop(name)
+            try:
+                self.stop(name)
+            except Exception:  # keep stopping the others
+                pass
         self._reap(list(self.seen))
 
     def _reap(self, pids: list[int]) -> None:
@@ -131,11 +144,8 @@ class Procs:
         for pid in pids:
             while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.2)
-            if _alive(pid) and _start_time(pid) == self.seen.get(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if _alive(pid):
+                self._signal(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

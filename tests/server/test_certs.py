@@ -24,11 +24,11 @@ def test_init_writes_a_ca_and_a_server_certificate_for_every_name(tmp_path):
     cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert sans.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]  # + loopback for tools on the host
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("127.0.0.1")]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert _mode(paths.ca_key) == 0o600 and _mode(paths.server_key) == 0o600
-    assert check_certificates(paths.root) == ["fl.example.org", "10.0.0.5", "127.0.0.1"]
+    assert check_certificates(paths.root) == ["fl.example.org", "localhost", "10.0.0.5", "127.0.0.1"]
 
 
 def test_existing_keys_are_never_overwritten_without_force(tmp_path):
