@@ -50,3 +50,18 @@ def test_registering_a_private_key_is_refused(tmp_path):
     key, _pub = add_site(tmp_path / "c", "clinic")
     with pytest.raises(ControlError, match="never the private key"):
         register_site(tmp_path / "state", "clinic", key)
+
+
+def test_a_run_folder_is_held_by_one_server_app_at_a_time(tmp_path):
+    from server.app import _claim
+    from shared.config import FedConfig
+    from shared.errors import ConfigError
+    from shared.rundir import RunDir
+
+    run = RunDir.create(tmp_path / "run", FedConfig())
+    with _claim(run):
+        with pytest.raises(ConfigError, match="another server app"):
+            with _claim(RunDir(tmp_path / "run")):
+                pass
+    with _claim(run):  # released when the first one ends
+        pass
