@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -14,12 +16,13 @@ from server.certs import CertPaths, init_ca, issue_server_cert
 from server.control import flower_env
 from server.superlink import ServerSettings, superlink_command
 from shared.checkpoint import read_checkpoint_meta
+from shared.config import FedConfig
 from shared.explain import ExplainOptions, explain
 from shared.privacy import PrivacyLedger
 
-from .conftest import SITES, Federation
+from .conftest import RUN, SITES, Federation
 from .images import CLASSES
-from .procs import free_port, listening, wait_for
+from .procs import Procs, free_port, listening, wait_for
 
 pytestmark = pytest.mark.deployment
 
@@ -163,3 +166,24 @@ def test_expired_server_certificate_is_refused_by_server_and_site(federation: Fe
     code, out = _client(federation, "sees-expired", "--ca", str(expired / "ca.pem"), "--key", str(federation.certs / "sites" / "site-a.key"),
                         "--server", f"127.0.0.1:{port}")  # fmt: skip
     assert code == 2 and "has expired" in out
+
+
+def test_insecure_mode_works_end_to_end_and_says_so(tmp_path, deploy_images, cache_dir):
+    """`--insecure` (closed test networks): no TLS, no authentication, loud about it, still a real run."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "FLWR_HOME": str(tmp_path / "home")}
+    procs = Procs(tmp_path / "logs", env)
+    port = free_port()
+    try:
+        procs.start("server", "server", "start", "--insecure", "--state-dir", str(tmp_path / "server"), "--host", "127.0.0.1", "--port", str(port))
+        wait_for(lambda: listening(port), 60, "the insecure server")
+        for site in ("site-a", "site-b"):
+            procs.start(site, "client", "start", "--insecure", "--server", f"127.0.0.1:{port}", "--data", str(deploy_images[site]),
+                        "--state-dir", str(tmp_path / site), "--name", site, "--allow-evaluation", "--port", str(free_port()))  # fmt: skip
+        cfg = FedConfig.from_mapping({**RUN, "num-rounds": 1, "data-path": str(deploy_images["server"]), "cache-dir": cache_dir})
+        (tmp_path / "run.toml").write_text(cfg.to_toml())
+        run = procs.start("run", "run", "--insecure", "--server", f"127.0.0.1:{port}", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run"))
+        assert run.wait(timeout=300) == 0, procs.log("run")[-3000:]
+        assert _summary(tmp_path / "run")["rounds"] == 1
+        assert "INSECURE SERVER" in procs.log("server") and "INSECURE SITE" in procs.log("site-a")
+    finally:
+        procs.stop_all()
