@@ -18,8 +18,9 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from shared.checkpoint import save_checkpoint
+from shared.checkpoint import read_checkpoint_meta, save_checkpoint
 from shared.config import FedConfig
+from shared.errors import FedlensError
 from shared.privacy import DPRequest, PrivacyLedger, RoundPlan, SiteRefusal, plan_round
 from shared.privacy.budget import allows_evaluation, allows_non_private
 from shared.privacy.outbox import UpdateOutbox, state_digest
@@ -44,15 +45,20 @@ def _round(config: Mapping[str, object]) -> int:
 GLOBAL_MODEL = "global-model.safetensors"
 
 
-def _keep_global_model(site: Site, node_config: Mapping[str, object], *, round: int) -> None:
+def _keep_global_model(site: Site, node_config: Mapping[str, object], *, run_id: str, round: int) -> None:
     state_dir = node_config.get("state-dir")
     if site.simulated or not state_dir:
         return
+    path = Path(str(state_dir)) / GLOBAL_MODEL
     try:
-        Path(str(state_dir)).mkdir(parents=True, exist_ok=True)
-        save_checkpoint(Path(str(state_dir)) / GLOBAL_MODEL, site.task.model.state_dict(), config=site.task.cfg.to_dict(),
-                        classes=list(site.classes), round=round, site=site.name)  # fmt: skip
-    except OSError as exc:  # a copy for explaining: never worth failing a round over
+        if path.is_file():
+            kept = read_checkpoint_meta(path)
+            if kept.get("run_id") == run_id and kept.get("round", -1) >= round:
+                return  # already kept (the evaluate message of the previous round carried it)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, site.task.model.state_dict(), config=site.task.cfg.to_dict(),
+                        classes=list(site.classes), round=round, site=site.name, run_id=run_id)  # fmt: skip
+    except (OSError, FedlensError) as exc:  # a copy for explaining: never worth failing a round over
         _log.warning("%s: could not keep the global model in %s: %s", site.name, state_dir, exc)
 
 
@@ -102,7 +108,7 @@ def _train_locally(
 ) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
     cfg = site.task.cfg
     site.task.load_trainable(state)
-    _keep_global_model(site, node_config, round=rnd - 1)
+    _keep_global_model(site, node_config, run_id=run_id, round=rnd - 1)
     stats = site.task.train(
         site.train,
         epochs=cfg.local_epochs,
@@ -163,7 +169,8 @@ def _evaluate(site: Site, msg: Message, node_config: dict[str, object]) -> Messa
             "start the site with allow-evaluation=true to allow it"
         )
     site.task.load_trainable(msg.content["arrays"].to_torch_state_dict())
-    _keep_global_model(site, node_config, round=_round(msg.content.config_records.get("config", ConfigRecord())))
+    config = msg.content.config_records.get("config", ConfigRecord())
+    _keep_global_model(site, node_config, run_id=str(config.get(RUN_ID, msg.metadata.run_id)), round=_round(config))
     if len(site.eval) == 0:
         metrics = {NUM_EXAMPLES: 0, UNIT_WEIGHT: 1, "accuracy": 0.0, "loss": 0.0, "macro_f1": 0.0}
     else:

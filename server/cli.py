@@ -68,10 +68,9 @@ def _cmd_server_sites(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from shared.config import FedConfig
     from shared.errors import FedlensError
     from shared.rundir import RunDir
-    from simulations.cli import _default_out, _print_result, _resolve_config
+    from simulations.cli import print_result, run_target
 
     from .control import Connection
     from .launch import launch
@@ -79,23 +78,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.insecure == bool(args.ca):
         raise FedlensError("give the federation's CA with --ca ca.pem (or --insecure for a plaintext test server)")
     conn = Connection(args.server, None if args.insecure else args.ca)
-    if args.resume:
-        if args.config or args.set or args.experiment:
-            raise FedlensError("--resume continues a run with its saved config; drop --config/--experiment/--set")
-        cfg: FedConfig = RunDir(args.resume).config()
-        out = args.resume
-    else:
-        cfg = _resolve_config(args)
-        out = args.out or _default_out("run")
-        if (Path(out) / "config.toml").exists():
-            raise FedlensError(f"{out} already holds a run; continue it with `--resume {out}` or pass another `--out`")
-    summary = launch(conn, cfg, Path(out), max_restarts=args.max_restarts, reconnect_timeout=args.reconnect_timeout)
-    _print_result(summary, out)
+    cfg, out = run_target(args, "run")
+    if cfg is None:
+        cfg = RunDir(out).config()
+    elif (out / "config.toml").exists():
+        raise FedlensError(f"{out} already holds a run; continue it with `--resume {out}` or pass another `--out`")
+    summary = launch(conn, cfg, out, max_restarts=args.max_restarts, reconnect_timeout=args.reconnect_timeout)
+    print_result(summary, out)
     return 0
 
 
-def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", add_config_args) -> None:  # type: ignore[no-untyped-def]
+def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register the server host's commands on the ``fedlens`` parser."""
+    from simulations.cli import add_config_args
+
     p = sub.add_parser("certs", help="create the federation's CA, server certificate and site keys",
                        description="Certificates and keys for a federation (TLS + site authentication).")  # fmt: skip
     certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")

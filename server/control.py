@@ -100,7 +100,7 @@ class Connection:
             _rmtree(home)
         reply = _json_tail(proc.stdout)
         if proc.returncode != 0 or not reply.get("success", False):
-            detail = reply.get("error-message") or (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            detail = reply.get("error-message") or " / ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise ControlError(f"`flwr {' '.join(args)}` against {self.address} failed: {detail}")
         return reply
 

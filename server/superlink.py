@@ -189,10 +189,11 @@ class _Registry:
         self._fh = open(self._lock, "a")
         fcntl.flock(self._fh, fcntl.LOCK_EX)
         self.data: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
+        self._before = json.dumps(self.data, sort_keys=True)
         return self.data
 
     def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
+        if exc[0] is None and json.dumps(self.data, sort_keys=True) != self._before:
             atomic_write_json(self.path, self.data)
         fcntl.flock(self._fh, fcntl.LOCK_UN)
         self._fh.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 from shared.config import FedConfig, config_help, load_config, parse_overrides
 from shared.errors import FedlensError
 
-__all__ = ["main"]
+__all__ = ["main", "add_config_args", "default_out", "print_result", "resolve_config", "run_target"]
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
 
@@ -24,7 +24,7 @@ def _experiments() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS.glob("*.toml"))
 
 
-def _resolve_config(args: argparse.Namespace) -> FedConfig:
+def resolve_config(args: argparse.Namespace) -> FedConfig:
     path = args.config
     if getattr(args, "experiment", None):
         if path:
@@ -35,39 +35,42 @@ def _resolve_config(args: argparse.Namespace) -> FedConfig:
     return load_config(path, parse_overrides(args.set or []))
 
 
-def _add_config_args(p: argparse.ArgumentParser, *, experiments: bool = True) -> None:
+def add_config_args(p: argparse.ArgumentParser, *, experiments: bool = True) -> None:
     p.add_argument("--config", type=Path, help="TOML file with config keys (kebab-case, flat)")
     if experiments:
         p.add_argument("--experiment", help=f"a bundled experiment overlay: {', '.join(_experiments())}")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable), e.g. --set num-rounds=3")
 
 
-def _default_out(kind: str) -> Path:
+def default_out(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_target(args: argparse.Namespace, kind: str) -> tuple[FedConfig | None, Path]:
+    """``(config, run folder)`` of a run command; the config is ``None`` for ``--resume``
+    (the run folder's own config applies)."""
+    if args.resume:
+        if args.config or args.set or args.experiment:
+            raise FedlensError("--resume continues a run with its saved config; drop --config/--experiment/--set")
+        return None, Path(args.resume)
+    return resolve_config(args), Path(args.out or default_out(kind))
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .runner import simulate
 
-    if args.resume:
-        if args.config or args.set or args.experiment:
-            raise FedlensError("--resume continues a run with its saved config; drop --config/--experiment/--set")
-        summary = simulate(FedConfig(), args.resume, resume=True)
-        out = args.resume
-    else:
-        cfg = _resolve_config(args)
-        out = args.out or _default_out("simulate")
-        summary = simulate(cfg, out)
-    _print_result(summary, out)
+    cfg, out = run_target(args, "simulate")
+    summary = simulate(FedConfig(), out, resume=True) if cfg is None else simulate(cfg, out)
+    print_result(summary, out)
     return 0
 
 
 def _cmd_centralized(args: argparse.Namespace) -> int:
     from .runner import centralized
 
-    cfg = _resolve_config(args)
-    out = args.out or _default_out("centralized")
-    _print_result(centralized(cfg, out), out)
+    cfg = resolve_config(args)
+    out = args.out or default_out("centralized")
+    print_result(centralized(cfg, out), out)
     return 0
 
 
@@ -75,7 +78,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.keys:
         print(config_help())
         return 0
-    print(_resolve_config(args).to_toml(), end="")
+    print(resolve_config(args).to_toml(), end="")
     return 0
 
 
@@ -115,7 +118,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_result(summary: dict[str, object], out: str | Path) -> None:
+def print_result(summary: dict[str, object], out: str | Path) -> None:
     acc, f1 = summary.get("final_accuracy"), summary.get("final_macro_f1")
     accuracy = f"final accuracy {acc:.4f}  macro-F1 {f1:.4f}" if acc is not None else "no round completed"
     print(f"{accuracy}  ({summary['rounds']} rounds, {summary['wall_seconds']:.0f}s)")
@@ -148,20 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="run a federated simulation locally (Flower simulation engine)",
                        description="Run a federated fine-tune with simulated sites on this machine.")  # fmt: skip
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--out", type=Path, help="run folder to create (default: runs/simulate-<time>)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted run from its last completed round")
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("centralized", help="train the same model on the pooled data (the baseline)",
                        description="Train on all data in one place for num-rounds x local-epochs passes.")  # fmt: skip
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--out", type=Path, help="run folder to create (default: runs/centralized-<time>)")
     p.set_defaults(func=_cmd_centralized)
 
     p = sub.add_parser("config", help="print the resolved config, or every key with --keys",
                        description="Show the configuration a command would run with.")  # fmt: skip
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
     p.set_defaults(func=_cmd_config)
     p = sub.add_parser("privacy", help="inspect a site's privacy ledger", description="Privacy ledger tools.")
@@ -189,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     from client.cli import add_commands as add_client_commands
     from server.cli import add_commands as add_server_commands
 
-    add_server_commands(sub, _add_config_args)
+    add_server_commands(sub)
     add_client_commands(sub)
     return parser
 
