@@ -1,4 +1,4 @@
-"""FedAvg by hand, without Flower: the same sites, rounds and DP-SGD as a simulation.
+"""FedAvg (or FedAvgM) by hand, without Flower: the same sites, rounds and DP-SGD as a simulation.
 
 Used as the no-framework reference (overhead) and for quick DP tuning sweeps: it
 runs the exact site code path of fedlens (``Task.train``, the site's budget
@@ -47,6 +47,7 @@ def plain_fedavg(cfg: FedConfig, *, state_root: str | Path | None = None, site_e
     request = DPRequest.from_config(cfg, run_id="plain") if cfg.dp else None
     state = task.trainable_state()
     accuracies, max_eps = [], 0.0
+    momentum: dict[str, torch.Tensor] = {}
     for rnd in range(1, cfg.num_rounds + 1):
         updates, weights = [], []
         for name, site_train, _held, ledger in sites:
@@ -60,7 +61,8 @@ def plain_fedavg(cfg: FedConfig, *, state_root: str | Path | None = None, site_e
             updates.append(task.trainable_state())
             weights.append(len(site_train))
         total = sum(weights)
-        state = {k: sum(u[k] * (w / total) for u, w in zip(updates, weights)) for k in state}
+        averaged = {k: sum(u[k] * (w / total) for u, w in zip(updates, weights)) for k in state}
+        state = _server_step(cfg, state, averaged, momentum)
         task.load_trainable(state)
         if site_eval:
             for _name, _train, held, _ledger in sites:
@@ -68,3 +70,19 @@ def plain_fedavg(cfg: FedConfig, *, state_root: str | Path | None = None, site_e
                     task.evaluate(held)
         accuracies.append(task.evaluate(test_data).accuracy)
     return PlainResult(time.monotonic() - started, accuracies[-1], accuracies, max_eps)
+
+
+def _server_step(
+    cfg: FedConfig, state: dict[str, torch.Tensor], averaged: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The server's update: plain FedAvg, or FedAvgM as Flower computes it."""
+    if cfg.strategy == "fedavg":
+        return averaged
+    if cfg.strategy != "fedavgm":
+        raise ValueError(f"the plain loop runs fedavg and fedavgm, not {cfg.strategy!r}")
+    out = {}
+    for k, old in state.items():
+        grad = old - averaged[k]
+        momentum[k] = cfg.server_momentum * momentum[k] + grad if k in momentum else grad
+        out[k] = old - cfg.server_learning_rate() * momentum[k]
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from shared.config import FedConfig
 from shared.protocol import NUM_EXAMPLES, UNIT_WEIGHT
@@ -29,10 +29,14 @@ def _sampling(cfg: FedConfig) -> dict[str, object]:
 
 STRATEGIES: dict[str, Callable[[FedConfig], Strategy]] = {
     "fedavg": lambda cfg: FedAvg(**_sampling(cfg)),
+    # Server momentum over the averaged updates; under DP-SGD it averages site noise across rounds.
+    "fedavgm": lambda cfg: FedAvgM(
+        **_sampling(cfg), server_learning_rate=cfg.server_learning_rate(), server_momentum=cfg.server_momentum
+    ),
     # FedProx only sends `proximal-mu`; the site applies the proximal step.
     "fedprox": lambda cfg: FedProx(**_sampling(cfg), proximal_mu=cfg.proximal_mu),
-    "fedadam": lambda cfg: FedAdam(**_sampling(cfg), eta=cfg.server_lr, eta_l=cfg.lr),
-    "fedyogi": lambda cfg: FedYogi(**_sampling(cfg), eta=cfg.server_lr, eta_l=cfg.lr),
+    "fedadam": lambda cfg: FedAdam(**_sampling(cfg), eta=cfg.server_learning_rate(), eta_l=cfg.lr),
+    "fedyogi": lambda cfg: FedYogi(**_sampling(cfg), eta=cfg.server_learning_rate(), eta_l=cfg.lr),
     "fedmedian": lambda cfg: FedMedian(**_sampling(cfg)),
     "fedtrimmedavg": lambda cfg: FedTrimmedAvg(**_sampling(cfg), beta=cfg.trim_beta),
     "krum": lambda cfg: Krum(**_sampling(cfg), num_malicious_nodes=cfg.krum_byzantine),

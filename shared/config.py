@@ -22,7 +22,7 @@ __all__ = ["FedConfig", "load_config", "parse_overrides", "parse_site_budgets", 
 
 DATASETS = ("fashion-mnist", "folder", "npz")
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "sgd")
 DP_MODES = ("auto", "book-keeping", "hooks", "functorch")
@@ -64,7 +64,8 @@ class FedConfig:
     fraction_evaluate: float = _opt(1.0, "share of sites sampled for federated evaluation, in [0, 1]")
     min_sites: int = _opt(2, "minimum sites per round (training and evaluation)")
     proximal_mu: float = _opt(0.01, "fedprox: weight of the proximal term")
-    server_lr: float = _opt(0.01, "fedadam/fedyogi: server learning rate (eta)")
+    server_lr: float = _opt(0.0, "fedavgm/fedadam/fedyogi: server learning rate (0 = the strategy's usual value: fedavgm 1.0, fedadam/fedyogi 0.01)")
+    server_momentum: float = _opt(0.9, "fedavgm: server momentum, in [0, 1)")
     trim_beta: float = _opt(0.2, "fedtrimmedavg: share trimmed at each end, in [0, 0.5)")
     krum_byzantine: int = _opt(0, "krum: number of malicious sites to tolerate")
     round_timeout: float = _opt(3600.0, "seconds to wait for sites in one round")
@@ -82,6 +83,7 @@ class FedConfig:
     lora_rank: int = _opt(16, "train rank-r low-rank adapters instead of the trainable 1x1 convolutions (0 = train them fully)")
     image_size: int = _opt(96, "side length images are resized to")
     augment: str = _opt("none", "training augmentation: none or a comma list of flip, crop, color")
+    dropout: float = _opt(0.2, "dropout before the classifier while training, in [0, 1)")
     # --- optimisation -----------------------------------------------------------
     local_epochs: int = _opt(1, "passes over the local data per round")
     # 256 and SGD with momentum: the best private settings in a sweep at epsilon 3
@@ -159,6 +161,12 @@ class FedConfig:
         """Build from Flower's run config, ignoring the app-wiring keys (``out-dir``)."""
         return cls.from_mapping({k: v for k, v in run_config.items() if k not in APP_KEYS})
 
+    def server_learning_rate(self) -> float:
+        """``server-lr``, or the strategy's usual value when it is 0."""
+        if self.server_lr > 0:
+            return self.server_lr
+        return 1.0 if self.strategy == "fedavgm" else 0.01
+
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case mapping of every key: the run config Flower carries."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -233,10 +241,12 @@ def _check_ranges(cfg: FedConfig) -> None:
         f"`min-sites` ({cfg.min_sites}) is larger than `num-sites` ({cfg.num_sites}): no round could ever start",
     )
     need(cfg.proximal_mu >= 0.0, f"`proximal-mu` must be >= 0, got {cfg.proximal_mu}")
-    need(cfg.server_lr > 0.0, f"`server-lr` must be > 0, got {cfg.server_lr}")
+    need(cfg.server_lr >= 0.0, f"`server-lr` must be >= 0 (0 = the strategy's usual value), got {cfg.server_lr}")
+    need(0.0 <= cfg.server_momentum < 1.0, f"`server-momentum` must be in [0, 1), got {cfg.server_momentum}")
     need(0.0 <= cfg.trim_beta < 0.5, f"`trim-beta` must be in [0, 0.5), got {cfg.trim_beta}")
     need(cfg.krum_byzantine >= 0, f"`krum-byzantine` must be >= 0, got {cfg.krum_byzantine}")
     need(cfg.round_timeout > 0.0, f"`round-timeout` must be > 0 seconds, got {cfg.round_timeout}")
+    need(0.0 <= cfg.dropout < 1.0, f"`dropout` must be in [0, 1), got {cfg.dropout}")
     need(cfg.lora_rank >= 0, f"`lora-rank` must be >= 0 (0 = off), got {cfg.lora_rank}")
     need(16 <= cfg.image_size <= 1024, f"`image-size` must be in [16, 1024], got {cfg.image_size}")
     need(cfg.local_epochs >= 1, f"`local-epochs` must be at least 1, got {cfg.local_epochs}")

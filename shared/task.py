@@ -123,6 +123,9 @@ class Task:
             self.cut = apply_policy(self.model, self.policy)
             if cfg.lora_rank:  # seeded too: server and sites start from the same adapters
                 apply_low_rank(self.model, self.cut, cfg.lora_rank)
+        for module in self.head.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = cfg.dropout
         self.model.to(self.device)
         if self.device.type == "cpu":
             # Depthwise convolutions run ~1.5x faster channels-last on CPU.

@@ -21,3 +21,10 @@ def test_site_evaluation_is_skipped_when_sites_keep_no_images():
 def test_strategy_parameters_come_from_the_config(name, attr, value):
     key = {"proximal_mu": "proximal-mu", "beta": "trim-beta"}[attr]
     assert getattr(build_strategy(FedConfig.from_mapping({"strategy": name, key: value})), attr) == value
+
+
+def test_server_learning_rate_defaults_per_strategy():
+    avgm = build_strategy(FedConfig.from_mapping({"strategy": "fedavgm", "server-momentum": 0.7}))
+    assert avgm.server_learning_rate == 1.0 and avgm.server_momentum == 0.7
+    assert build_strategy(FedConfig.from_mapping({"strategy": "fedadam"})).eta == 0.01
+    assert build_strategy(FedConfig.from_mapping({"strategy": "fedadam", "server-lr": 0.1})).eta == 0.1

@@ -44,6 +44,9 @@ def test_snake_case_keys_are_not_accepted():
         ("partition", "random", "partition"),
         ("strategy", "fedfoo", "strategy"),
         ("image-size", 8, "image-size"),
+        ("dropout", 1.0, "dropout"),
+        ("server-momentum", 1.0, "server-momentum"),
+        ("server-lr", -0.1, "server-lr"),
     ],
 )
 def test_out_of_range_values_are_rejected(key, value, fragment):

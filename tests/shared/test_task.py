@@ -63,3 +63,9 @@ def test_proximal_step_keeps_weights_closer_to_the_start(image_folder, cache_dir
         end = task.trainable_state()
         distances.append(sum(float((end[k] - start[k]).norm()) for k in start))
     assert distances[1] < distances[0]
+
+
+def test_dropout_before_the_classifier_comes_from_the_config(cache_dir):
+    dropouts = [m for m in _task(cache_dir, dropout=0.0).head.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)
+    assert all(m.p == 0.35 for m in _task(cache_dir, dropout=0.35).head.modules() if isinstance(m, torch.nn.Dropout))
