@@ -29,7 +29,7 @@ def _sampling(cfg: FedConfig) -> dict[str, object]:
 
 STRATEGIES: dict[str, Callable[[FedConfig], Strategy]] = {
     "fedavg": lambda cfg: FedAvg(**_sampling(cfg)),
-    # Server momentum over the averaged updates; under DP-SGD it averages site noise across rounds.
+    # Server momentum over the averaged updates (under DP-SGD it cost a point here: docs/privacy.md).
     "fedavgm": lambda cfg: FedAvgM(
         **_sampling(cfg), server_learning_rate=cfg.server_learning_rate(), server_momentum=cfg.server_momentum
     ),
