@@ -15,6 +15,7 @@ one variant per line (``#`` starts a comment). Rows print as cells finish.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import time
@@ -73,17 +74,16 @@ def main() -> None:
     variants = [_variant(v) for v in (texts or ["default:"])]
     default_eps = [float(e) for e in args.epsilons.split(",")]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
-    cells, warmed = [], set()
+    cells = []
     for name, epsilons, overrides in variants:
         cfg = FedConfig.from_mapping(overrides, base=base)
-        key = (cfg.backbone, cfg.policy, cfg.image_size, cfg.pretrained, cfg.weights_path, cfg.dataset, cfg.data_path)
-        if key not in warmed:  # compute each feature cache once, before the workers start
-            warmed.add(key)
-            train, test = load_dataset(cfg)
-            task = Task(cfg, train.num_classes)
-            task.prepare(train, for_training=True)
-            task.prepare(test, for_training=False)
-            del task, train, test
+        # Compute each feature cache once, before the workers start (never read it here).
+        train, test = load_dataset(cfg)
+        task = Task(cfg, train.num_classes)
+        for images, for_training in ((train, True), (test, False)):
+            if task.needs_feature_pass(images, for_training=for_training):
+                task.prepare(images, for_training=for_training)
+        del task, train, test
         for eps in epsilons or default_eps:
             cells.append((cfg.to_dict(), name, eps, threads))
     started = time.monotonic()
@@ -93,9 +93,9 @@ def main() -> None:
     else:
         rows = [_cell(c) for c in cells]
     print(f"{'variant':<18} {'epsilon':>7} {'accuracy':>9} {'spent':>7} {'wall s':>7}")
-    for name, eps, acc, spent, wall in sorted(rows, key=lambda r: -r[2] if r[2] == r[2] else 1.0):
+    for name, eps, acc, spent, wall in sorted(rows, key=lambda r: 1.0 if math.isnan(r[2]) else -r[2]):
         print(f"{name:<18} {eps if eps > 0 else 'inf':>7} {acc:>9.4f} {spent:>7.3f} {wall:>7.0f}")
-    best = max(rows, key=lambda r: r[2] if r[2] == r[2] else -1.0)
+    best = max(rows, key=lambda r: -1.0 if math.isnan(r[2]) else r[2])
     result(cells=len(rows), best_variant=best[0], best_epsilon=best[1], best_accuracy=best[2], wall_s=time.monotonic() - started)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,7 +18,15 @@ import torch
 from torch import nn
 
 from .config import FedConfig
-from .data import ImageSet, ImageTransform, cached_features, default_cache_dir, parse_augment, stratified_split
+from .data import (
+    ImageSet,
+    ImageTransform,
+    cached_features,
+    default_cache_dir,
+    feature_cache_path,
+    parse_augment,
+    stratified_split,
+)
 from .privacy.dpsgd import DPSGD, PlainStepper, Stepper
 from .metrics import ClassificationReport, classification_report
 from .models import (
@@ -158,14 +167,28 @@ class Task:
         Features are exact for evaluation always, and for training when no
         augmentation is configured.
         """
-        use_cache = self.cfg.feature_cache and self.cut > 0 and not (for_training and self.augment.any)
-        if not use_cache:
+        if not self._uses_cache(for_training):
             return LocalData(images.images, images.labels, 0, self.num_classes)
-        cache_dir = self.cfg.cache_dir or default_cache_dir()
         feats = cached_features(
-            self.model, self.cut, images, self.transform, model_id=self.model_id, cache_dir=cache_dir, device=self.device
+            self.model, self.cut, images, self.transform, model_id=self.model_id, cache_dir=self._cache_dir, device=self.device
         )
         return LocalData(feats, images.labels, self.cut, self.num_classes)
+
+    def needs_feature_pass(self, images: ImageSet, *, for_training: bool) -> bool:
+        """Whether :meth:`prepare` would compute features rather than read them from the cache."""
+        if not self._uses_cache(for_training):
+            return False
+        path = feature_cache_path(
+            self._cache_dir, model_id=self.model_id, stop=self.cut, image_size=self.transform.image_size, images=images
+        )
+        return not path.is_file()
+
+    def _uses_cache(self, for_training: bool) -> bool:
+        return self.cfg.feature_cache and self.cut > 0 and not (for_training and self.augment.any)
+
+    @property
+    def _cache_dir(self) -> str | Path:
+        return self.cfg.cache_dir or default_cache_dir()
 
     def _enter(self, x: torch.Tensor, start: int, *, train: bool, generator: torch.Generator | None) -> torch.Tensor:
         """Bring a batch to the input of the trainable part."""

@@ -4,7 +4,7 @@ from ._decode import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from ._factory import load_dataset, stratified_cap, stratified_split
 from ._imageset import ImageSet, LoadReport
 from ._sources import FASHION_MNIST_CLASSES, load_fashion_mnist, load_image_folder, load_npz
-from .features import cached_features, compute_features, default_cache_dir
+from .features import cached_features, compute_features, default_cache_dir, feature_cache_path
 from .transforms import Augment, ImageTransform, parse_augment
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "LoadReport",
     "cached_features",
     "compute_features",
+    "feature_cache_path",
     "decode_image",
     "default_cache_dir",
     "load_dataset",

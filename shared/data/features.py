@@ -22,7 +22,7 @@ from ..models import FedModel
 from ._imageset import ImageSet
 from .transforms import ImageTransform
 
-__all__ = ["compute_features", "cached_features", "default_cache_dir"]
+__all__ = ["compute_features", "cached_features", "default_cache_dir", "feature_cache_path"]
 
 _log = logging.getLogger(f"fedlens.{__name__}")
 
@@ -61,6 +61,12 @@ def compute_features(
     return torch.cat(outputs)
 
 
+def feature_cache_path(cache_dir: str | Path, *, model_id: str, stop: int, image_size: int, images: ImageSet) -> Path:
+    """Where :func:`cached_features` keeps the features of ``images`` (the file may not exist yet)."""
+    key = hashlib.sha256(json.dumps([model_id, stop, image_size, images.fingerprint(), 1]).encode()).hexdigest()[:32]
+    return Path(cache_dir) / "features" / f"{key}.pt"
+
+
 def cached_features(
     model: FedModel,
     stop: int,
@@ -82,11 +88,7 @@ def cached_features(
     """
     if cache_dir is None:
         return compute_features(model, stop, images, transform, device=device)
-    key = hashlib.sha256(
-        json.dumps([model_id, stop, transform.image_size, images.fingerprint(), 1]).encode()
-    ).hexdigest()[:32]
-    folder = Path(cache_dir) / "features"
-    path = folder / f"{key}.pt"
+    path = feature_cache_path(cache_dir, model_id=model_id, stop=stop, image_size=transform.image_size, images=images)
     if path.is_file():
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)
@@ -95,7 +97,7 @@ def cached_features(
         except Exception as exc:  # a corrupt cache entry is recomputed, never trusted
             _log.warning("ignoring unreadable feature cache %s (%s)", path, exc)
     feats = compute_features(model, stop, images, transform, device=device)
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(feats, buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -69,3 +69,12 @@ def test_dropout_before_the_classifier_comes_from_the_config(cache_dir):
     dropouts = [m for m in _task(cache_dir, dropout=0.0).head.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.p == 0.0 for m in dropouts)
     assert all(m.p == 0.35 for m in _task(cache_dir, dropout=0.35).head.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_needs_feature_pass_until_the_cache_holds_the_images(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    task = _task(cache_dir)
+    assert task.needs_feature_pass(images, for_training=True)
+    task.prepare(images, for_training=True)
+    assert not task.needs_feature_pass(images, for_training=True)
+    assert not _task(cache_dir, augment="flip").needs_feature_pass(images, for_training=True)  # raw images, no pass
