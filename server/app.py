@@ -37,8 +37,15 @@ __all__ = ["app", "build_server_app", "serve", "privacy_summary", "AllSitesFaile
 _log = logging.getLogger("fedlens.server")
 
 
-def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = None) -> dict[str, Any]:
+def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = None, expect_sites: int = 0) -> dict[str, Any]:
     """Run (or continue) the federated training recorded in ``run``.
+
+    Parameters
+    ----------
+    expect_sites : int, default 0
+        Wait (up to a minute) for this many sites to connect before the first
+        round. A local simulation registers its sites while the server starts;
+        without the wait, round 1 could sample only the first ``min-sites``.
 
     Returns
     -------
@@ -62,6 +69,8 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
     test_data = task.prepare(test, for_training=False)
     strategy = build_strategy(cfg, rounds_done=done)
     guard = SiteGuard(strategy)
+    if expect_sites:
+        _await_sites(grid, expect_sites, wait_s=_SITE_WAIT_S)
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if local_round == 0:
@@ -128,6 +137,19 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
         _log.warning("this run was NOT differentially private: %s", summary["privacy"]["reason"])
     run.finish(summary, stopped_early=stopped)
     return summary
+
+
+_SITE_WAIT_S = 60.0
+
+
+def _await_sites(grid: Grid, expected: int, *, wait_s: float) -> None:
+    """Wait until ``expected`` sites are connected, or ``wait_s`` passed (then go on with those there)."""
+    deadline = time.monotonic() + wait_s
+    while (connected := len(list(grid.get_node_ids()))) < expected:
+        if time.monotonic() >= deadline:
+            _log.warning("only %d of %d sites connected after %.0f s; starting with them", connected, expected, wait_s)
+            return
+        time.sleep(0.2)
 
 
 # SecAgg+ scales each site's values by num_examples / max_weight before clipping them
@@ -260,7 +282,7 @@ def build_server_app(cfg: FedConfig | None = None, out_dir: str | Path | None = 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if cfg is not None and out_dir is not None:
-            serve(grid, cfg, RunDir(out_dir), started=started)
+            serve(grid, cfg, RunDir(out_dir), started=started, expect_sites=cfg.num_sites)
             return
         _log_through_flower()
         run, run_cfg = _open_run_dir(context)

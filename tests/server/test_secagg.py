@@ -145,6 +145,7 @@ def build_apps(log: Recorded) -> tuple[ServerApp, ClientApp]:
             on_round=lambda rnd, metrics, failures: log.rounds.append((rnd, metrics, failures)),
             clipping_range=CLIP,
             quantization_range=LEVELS,
+            min_sites=NUM_SITES,  # the simulation registers its nodes while this starts: wait for all
         )
         log.final = final.to_torch_state_dict()
 
