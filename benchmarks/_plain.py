@@ -1,5 +1,7 @@
 """FedAvg (or FedAvgM) by hand, without Flower: the same sites, rounds and DP-SGD as a simulation.
 
+With ``ema-decay`` it evaluates the average over rounds, as the server publishes it.
+
 Used as the no-framework reference (overhead) and for quick DP tuning sweeps: it
 runs the exact site code path of fedlens (``Task.train``, the site's budget
 decision and ledger) in one process, so it also runs where Flower is not installed.
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from shared.averaging import ModelAverage
 from shared.config import FedConfig
 from shared.data import load_dataset
 from shared.privacy import DPRequest, PrivacyLedger, SiteBudget, plan_round
@@ -48,6 +51,7 @@ def plain_fedavg(cfg: FedConfig, *, state_root: str | Path | None = None, site_e
     state = task.trainable_state()
     accuracies, max_eps = [], 0.0
     momentum: dict[str, torch.Tensor] = {}
+    average = ModelAverage(cfg.ema_decay) if cfg.ema_decay else None
     for rnd in range(1, cfg.num_rounds + 1):
         updates, weights = [], []
         for name, site_train, _held, ledger in sites:
@@ -63,7 +67,7 @@ def plain_fedavg(cfg: FedConfig, *, state_root: str | Path | None = None, site_e
         total = sum(weights)
         averaged = {k: sum(u[k] * (w / total) for u, w in zip(updates, weights)) for k in state}
         state = _server_step(cfg, state, averaged, momentum)
-        task.load_trainable(state)
+        task.load_trainable(average.update(state) if average else state)  # what the server publishes
         if site_eval:
             for _name, _train, held, _ledger in sites:
                 if len(held):

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from shared.averaging import ModelAverage
 from shared.checkpoint import load_checkpoint
 from shared.config import RUN_DIR_KEY, FedConfig
 from shared.errors import ConfigError
@@ -63,9 +64,17 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
     previous_wall = run.records()[-1]["elapsed_s"] if done else 0.0
     _train_pool, test = load_dataset(cfg)
     task = Task(cfg, test.num_classes)
+    averager = ModelAverage(cfg.ema_decay) if cfg.ema_decay else None
     if done:
-        task.model.load_state_dict(load_checkpoint(run.path).state)
+        ckpt = load_checkpoint(run.path)
+        task.model.load_state_dict(ckpt.state)
+        if averager:  # the checkpoint holds the average; training continues from the plain aggregate
+            if ckpt.training_state is None:
+                raise ConfigError(f"{run.path / 'model.safetensors'} has no training state to resume an `ema-decay` run from")
+            averager.restore(task.trainable_state())
+            task.load_trainable(ckpt.training_state)
         _log.info("resuming after round %d of %d", done, cfg.num_rounds)
+    initial = task.trainable_state()
     test_data = task.prepare(test, for_training=False)
     strategy = build_strategy(cfg, rounds_done=done)
     guard = SiteGuard(strategy)
@@ -76,7 +85,14 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
         if local_round == 0:
             return None
         rnd = done + local_round
-        task.load_trainable(arrays.to_torch_state_dict())
+        aggregate = arrays.to_torch_state_dict()
+        unaveraged = None
+        if averager:
+            task.load_trainable(aggregate)
+            unaveraged = task.evaluate(test_data)
+            task.load_trainable(averager.update(aggregate))
+        else:
+            task.load_trainable(aggregate)
         report = task.evaluate(test_data)
         report_round = guard.current
         failures = guard.round_failures()
@@ -94,16 +110,19 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
             "failures": failures,
             "privacy": {"site_epsilon": epsilons, **({"central_epsilon": central["epsilon"]} if central else {})},
         }
+        if unaveraged:  # "server" is the average over rounds; this is the round's own aggregate
+            record["server_unaveraged"] = {"accuracy": unaveraged.accuracy, "loss": unaveraged.loss}
         run.record_round(record)
-        run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=rnd)
+        run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=rnd, training_state=aggregate if averager else None)
         ok = len(report_round.train)
         sampled = ok + sum(1 for v in failures.values() if v.startswith("train"))
         privacy = f"  max site ε {max(epsilons.values()):.2f}" if epsilons else "  NOT private"
         if central:
             privacy += f"  central ε {central['epsilon']:.2f}"
+        averaged = f" (EMA; round's own {unaveraged.accuracy:.4f})" if unaveraged else ""
         _log.info(
-            "round %d/%d  accuracy %.4f  macro-F1 %.4f  loss %.4f  sites %d/%d ok%s  %.0fs",
-            rnd, cfg.num_rounds, report.accuracy, report.macro_f1, report.loss, ok, sampled, privacy, elapsed,
+            "round %d/%d  accuracy %.4f%s  macro-F1 %.4f  loss %.4f  sites %d/%d ok%s  %.0fs",
+            rnd, cfg.num_rounds, report.accuracy, averaged, report.macro_f1, report.loss, ok, sampled, privacy, elapsed,
         )  # fmt: skip
         return MetricRecord(report.scalars())
 
@@ -113,11 +132,11 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
         offset = {ROUND_OFFSET: done, RUN_ID: run.run_id}
         try:
             if cfg.secagg:
-                _run_secagg(grid, cfg, guard, task, offset, remaining, evaluate_fn)
+                _run_secagg(grid, cfg, guard, initial, offset, remaining, evaluate_fn)
             else:
                 guard.start(
                     grid=grid,
-                    initial_arrays=ArrayRecord(task.trainable_state()),
+                    initial_arrays=ArrayRecord(initial),
                     num_rounds=remaining,
                     timeout=cfg.round_timeout,
                     train_config=ConfigRecord(dict(offset)),
@@ -157,7 +176,9 @@ def _await_sites(grid: Grid, expected: int, *, wait_s: float) -> None:
 SECAGG_MAX_WEIGHT = 10_000.0
 
 
-def _run_secagg(grid: Grid, cfg: FedConfig, guard: SiteGuard, task: Task, config: dict[str, Any], rounds: int, evaluate_fn: Any) -> None:
+def _run_secagg(
+    grid: Grid, cfg: FedConfig, guard: SiteGuard, initial: dict[str, Any], config: dict[str, Any], rounds: int, evaluate_fn: Any
+) -> None:
     """FedAvg through SecAgg+ (legacy path, behind server.secagg); outcomes go to ``guard``."""
     from .secagg import run_secagg_rounds
 
@@ -169,7 +190,7 @@ def _run_secagg(grid: Grid, cfg: FedConfig, guard: SiteGuard, task: Task, config
     try:
         run_secagg_rounds(
             grid,
-            initial_arrays=ArrayRecord(task.trainable_state()),
+            initial_arrays=ArrayRecord(initial),
             num_rounds=rounds,
             train_config=config,
             evaluate_fn=evaluate_fn,
@@ -213,6 +234,8 @@ def _summary(cfg: FedConfig, task: Task, records: list[dict[str, Any]], *, wall:
         "backbone": cfg.backbone,
         "policy": cfg.policy,
         "strategy": cfg.strategy,
+        "ema_decay": cfg.ema_decay,
+        **({"final_accuracy_unaveraged": records[-1]["server_unaveraged"]["accuracy"]} if records and "server_unaveraged" in records[-1] else {}),
         "dataset": cfg.dataset,
         "mode": "federated",
     }

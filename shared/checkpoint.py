@@ -17,6 +17,9 @@ from .io import atomic_write_bytes
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "Checkpoint"]
 
 _FORMAT = "fedlens-model-v1"
+# Tensors under this prefix are the server's training state (the plain aggregate when the
+# published model is an average over rounds), kept apart from the model's own state.
+_TRAINING = "training/"
 
 
 class Checkpoint(dict):
@@ -30,14 +33,24 @@ class Checkpoint(dict):
     def meta(self) -> dict[str, Any]:
         return self["meta"]
 
+    @property
+    def training_state(self) -> dict[str, torch.Tensor] | None:
+        """The server's training state saved with the model, if any (see ``save_checkpoint``)."""
+        return self.get("training")
 
-def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], **meta: Any) -> None:
+
+def save_checkpoint(
+    path: str | Path, state: dict[str, torch.Tensor], *, training_state: dict[str, torch.Tensor] | None = None, **meta: Any
+) -> None:
     """Write ``state`` and JSON-serialisable ``meta`` atomically as safetensors.
 
     ``meta`` should carry at least ``config`` (the resolved run config mapping),
-    ``classes`` and ``round``.
+    ``classes`` and ``round``. ``training_state`` (optional) is stored in the same
+    file, so that the model and what training resumes from can never disagree.
     """
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    for k, v in (training_state or {}).items():
+        tensors[_TRAINING + k] = v.detach().cpu().contiguous()
     header = {"format": _FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
     atomic_write_bytes(path, save(tensors, metadata=header))
 
@@ -60,7 +73,9 @@ def _read(path: str | Path, *, tensors: bool) -> Checkpoint:
     if header.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a fedlens model (no '{_FORMAT}' header)")
     meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
-    return Checkpoint(state=state, meta=meta)
+    training = {k[len(_TRAINING) :]: v for k, v in state.items() if k.startswith(_TRAINING)}
+    model = {k: v for k, v in state.items() if not k.startswith(_TRAINING)}
+    return Checkpoint(state=model, meta=meta, **({"training": training} if training else {}))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -111,8 +111,19 @@ class RunDir:
                 _log.warning("%s: skipping a torn metrics line", path)
         return out
 
-    def save_model(self, state: dict[str, torch.Tensor], *, cfg: FedConfig, classes: tuple[str, ...], round: int, **meta: Any) -> None:
-        save_checkpoint(self.path / MODEL_FILE, state, config=cfg.to_dict(), classes=list(classes), round=round, **meta)
+    def save_model(
+        self,
+        state: dict[str, torch.Tensor],
+        *,
+        cfg: FedConfig,
+        classes: tuple[str, ...],
+        round: int,
+        training_state: dict[str, torch.Tensor] | None = None,
+        **meta: Any,
+    ) -> None:
+        save_checkpoint(
+            self.path / MODEL_FILE, state, training_state=training_state, config=cfg.to_dict(), classes=list(classes), round=round, **meta
+        )
 
     # ---- other artifacts --------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> None:

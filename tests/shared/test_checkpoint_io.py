@@ -16,6 +16,17 @@ def test_checkpoint_round_trip_embeds_metadata(tmp_path):
     assert torch.equal(ckpt.state["a"], state["a"]) and torch.equal(ckpt.state["b"], state["b"])
     assert ckpt.meta == {"config": {"num-rounds": 3}, "classes": ["x", "y"], "round": 2}
     assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed away
+    assert ckpt.training_state is None
+
+
+def test_the_training_state_travels_in_the_same_file_but_apart_from_the_model(tmp_path):
+    model = {"head.w": torch.full((2, 2), 0.5), "head.b": torch.zeros(2)}
+    training = {"head.w": torch.full((2, 2), 2.0)}
+    save_checkpoint(tmp_path / "m.safetensors", model, training_state=training, round=4)
+    ckpt = load_checkpoint(tmp_path / "m.safetensors")
+    assert set(ckpt.state) == {"head.w", "head.b"} and torch.equal(ckpt.state["head.w"], model["head.w"])
+    assert set(ckpt.training_state) == {"head.w"} and torch.equal(ckpt.training_state["head.w"], training["head.w"])
+    assert ckpt.meta == {"round": 4}
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):

@@ -47,6 +47,8 @@ def test_snake_case_keys_are_not_accepted():
         ("dropout", 1.0, "dropout"),
         ("server-momentum", 1.0, "server-momentum"),
         ("server-lr", -0.1, "server-lr"),
+        ("ema-decay", 1.0, "ema-decay"),
+        ("ema-decay", -0.5, "ema-decay"),
     ],
 )
 def test_out_of_range_values_are_rejected(key, value, fragment):

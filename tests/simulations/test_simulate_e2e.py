@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from shared.checkpoint import load_checkpoint
 from shared.config import FedConfig
@@ -71,6 +72,19 @@ def test_every_site_failing_stops_the_run_with_the_reason(tmp_path, cache_dir, m
     assert status["status"] == "failed" and "injected fault" in status["reason"]
 
 
+def test_the_published_model_is_the_average_of_the_rounds(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    summary = simulate(_cfg(cache_dir, **{"num-rounds": 2, "ema-decay": 0.5}), out)
+    first, second = (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert first["server"]["accuracy"] == first["server_unaveraged"]["accuracy"]  # the first model starts the average
+    assert summary["ema_decay"] == 0.5 and summary["final_accuracy_unaveraged"] == second["server_unaveraged"]["accuracy"]
+    ckpt = load_checkpoint(out / "model.safetensors")
+    aggregate = ckpt.training_state
+    assert aggregate, "an averaged run must save the plain aggregate to resume from"
+    # model = 0.5 * aggregate(1) + 0.5 * aggregate(2): the average differs from the last aggregate.
+    assert any(not torch.allclose(ckpt.state[k], v) for k, v in aggregate.items())
+
+
 def test_centralized_baseline(tmp_path, cache_dir):
     summary = centralized(_cfg(cache_dir, **{"num-rounds": 2}), tmp_path / "central")
     assert summary["mode"] == "centralized" and summary["rounds"] == 2
@@ -90,7 +104,8 @@ def _fedlens(*args: str, **kw) -> subprocess.Popen:
 
 def test_killed_run_resumes_from_its_last_completed_round(tmp_path, cache_dir):
     out = tmp_path / "run"
-    sets = [f"--set={k}={v}" for k, v in {**TINY, "num-rounds": 3, "cache-dir": f'"{cache_dir}"'}.items()]
+    # With a model average, so that resuming must restore both the average and the plain aggregate.
+    sets = [f"--set={k}={v}" for k, v in {**TINY, "num-rounds": 3, "ema-decay": 0.5, "cache-dir": f'"{cache_dir}"'}.items()]
     proc = _fedlens("simulate", "--out", str(out), *sets)
     try:
         deadline = time.monotonic() + 300
@@ -115,6 +130,9 @@ def test_killed_run_resumes_from_its_last_completed_round(tmp_path, cache_dir):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 3
     assert f"resuming after round {done}" in output
+    final = load_checkpoint(out / "model.safetensors")
+    assert final.training_state is not None and set(final.training_state) <= set(final.state)
+    assert all("server_unaveraged" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
     # The sites' privacy ledgers survived the kill: same run, history carried, nothing reset.
     from shared.privacy import PrivacyLedger
 
