@@ -30,6 +30,7 @@ from shared.rundir import RunDir
 from shared.task import Task
 
 from .central_dp import central_summary
+from .sites import wait_for_sites
 from .guard import AllSitesFailed, RoundReport, RunStopped, SiteGuard, is_refusal, last_line
 from .strategies import build_strategy
 
@@ -163,12 +164,8 @@ _SITE_WAIT_S = 60.0
 
 def _await_sites(grid: Grid, expected: int, *, wait_s: float) -> None:
     """Wait until ``expected`` sites are connected, or ``wait_s`` passed (then go on with those there)."""
-    deadline = time.monotonic() + wait_s
-    while (connected := len(list(grid.get_node_ids()))) < expected:
-        if time.monotonic() >= deadline:
-            _log.warning("only %d of %d sites connected after %.0f s; starting with them", connected, expected, wait_s)
-            return
-        time.sleep(0.2)
+    if (connected := len(wait_for_sites(grid, expected, wait_s=wait_s))) < expected:
+        _log.warning("only %d of %d sites connected after %.0f s; starting with them", connected, expected, wait_s)
 
 
 # SecAgg+ scales each site's values by num_examples / max_weight before clipping them

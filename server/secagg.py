@@ -39,6 +39,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from shared.protocol import NUM_EXAMPLES, SITE_RECORD
+from .sites import wait_for_sites
 
 __all__ = ["run_secagg_rounds", "PARAM_NAMES_KEY"]
 
@@ -135,15 +136,11 @@ def _site_metrics(reply: Message) -> tuple[str, dict[str, float]]:
 
 def _register_sites(grid: Grid, manager: SimpleClientManager, min_sites: int, wait_s: float) -> int:
     """Make the client manager hold exactly the connected nodes; wait for ``min_sites``."""
-    deadline = time.monotonic() + wait_s
-    while len(nodes := set(grid.get_node_ids())) < min_sites:
-        if time.monotonic() >= deadline:
-            raise RuntimeError(
-                f"SecAgg+ needs at least {min_sites} sites (min_sites), but only {len(nodes)} "
-                f"connected within {wait_s:.0f} s"
-            )
-        _log.info("waiting for sites: %d of %d connected", len(nodes), min_sites)
-        time.sleep(1.0)
+    if len(nodes := wait_for_sites(grid, min_sites, wait_s=wait_s)) < min_sites:
+        raise RuntimeError(
+            f"SecAgg+ needs at least {min_sites} sites (min_sites), but only {len(nodes)} "
+            f"connected within {wait_s:.0f} s; start more sites or lower min-sites"
+        )
     known = manager.all()
     for node in set(known) - {str(n) for n in nodes}:
         manager.unregister(known[node])
