@@ -71,7 +71,10 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
         task.model.load_state_dict(ckpt.state)
         if averager:  # the checkpoint holds the average; training continues from the plain aggregate
             if ckpt.training_state is None:
-                raise ConfigError(f"{run.path / 'model.safetensors'} has no training state to resume an `ema-decay` run from")
+                raise ConfigError(
+                    f"{run.path / 'model.safetensors'} has no training state to resume an `ema-decay` run from "
+                    "(it was not written by this run's server); start a new run folder"
+                )
             averager.restore(task.trainable_state())
             task.load_trainable(ckpt.training_state)
         _log.info("resuming after round %d of %d", done, cfg.num_rounds)
