@@ -12,7 +12,7 @@ from typing import Iterable
 
 from ..errors import ConfigError
 
-__all__ = ["ACCOUNTANTS", "calibrate_noise", "epsilon_of", "check_privacy_params"]
+__all__ = ["ACCOUNTANTS", "calibrate_noise", "check_privacy_params", "compact_history", "epsilon_of"]
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -69,11 +69,26 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     )
 
 
+def compact_history(history: History) -> list[tuple[float, float, int]]:
+    """Merge the stretches that share a noise multiplier and sample rate, summing their steps.
+
+    Composition does not depend on order, so the epsilon is the same; the accountants'
+    cost grows with the number of stretches (one per round), not with the steps.
+    Stretches with no steps are dropped.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        if int(n) > 0:
+            key = (float(sigma), float(q))
+            merged[key] = merged.get(key, 0) + int(n)
+    return [(sigma, q, n) for (sigma, q), n in merged.items()]
+
+
 def epsilon_of(history: History, *, delta: float, accountant: str = "rdp") -> float:
     """Cumulative epsilon of a training history (0 for an empty one)."""
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
-    steps = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    steps = compact_history(history)
     if not steps:
         return 0.0
     from opacus.accountants import create_accountant
