@@ -8,6 +8,7 @@ compose it; carrying it across rounds is what makes the cumulative epsilon right
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 from ..errors import ConfigError
@@ -61,12 +62,16 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     check_privacy_params(epsilon=target_epsilon, delta=delta)
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
+    with warnings.catch_warnings():
+        # The search probes very large noise multipliers, whose best RDP order lies past the
+        # last one; Opacus warns about each probe. The epsilon of the multiplier it returns
+        # is computed (and warned about, if need be) by epsilon_of.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        sigma = get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
             **_epsilon_kwargs(accountant),
         )
-    )
+    return float(sigma)
 
 
 def compact_history(history: History) -> list[tuple[float, float, int]]:

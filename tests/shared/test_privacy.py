@@ -20,6 +20,16 @@ def test_noise_calibrated_once_ends_just_inside_the_target(target):
     assert 0.9 * target <= spent <= target
 
 
+def test_calibration_does_not_warn_about_its_own_search_probes():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sigma = calibrate_noise(target_epsilon=8.0, delta=DELTA, sample_rate=0.2, steps=160)
+    assert sigma > 0
+    assert not [w for w in caught if "largest alpha" in str(w.message)]
+
+
 def test_history_composes_like_one_long_run():
     sigma = 1.1
     per_round = [(sigma, Q, STEPS_PER_ROUND)] * 3
