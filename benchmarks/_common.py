@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
 
 from shared.config import FedConfig, load_config, parse_overrides
 
@@ -17,9 +20,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def config(args: argparse.Namespace, **fixed: object) -> FedConfig:
-    """Defaults < --config < the benchmark's fixed settings < --set."""
+def config(args: argparse.Namespace, *, defaults: Mapping[str, object] | None = None, **fixed: object) -> FedConfig:
+    """Embedded defaults < the benchmark's ``defaults`` < --config < its ``fixed`` settings < --set."""
     base = load_config(args.config)
+    if defaults:
+        in_file = tomllib.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
+        base = FedConfig.from_mapping({k: v for k, v in defaults.items() if k not in in_file}, base=base)
     with_fixed = FedConfig.from_mapping(fixed, base=base)
     return FedConfig.from_mapping(parse_overrides(args.set), base=with_fixed)
 

@@ -1,6 +1,7 @@
 """Privacy-utility table: Fashion-MNIST test accuracy per per-site epsilon (real Flower simulation).
 
-10 sites, Dirichlet alpha = 0.5, delta = 1e-5, 20 rounds, every site running DP-SGD with the
+10 sites, Dirichlet alpha = 0.5, delta = 1e-5, 20 rounds (or the --config file's
+``num-rounds``; --set overrides both), every site running DP-SGD with the
 given target epsilon (its own budget = the target), plus the non-private run with
 the same settings. Each cell is a full ``fedlens simulate`` run; wall times include
 everything but the shared feature cache (warmed first).
@@ -28,7 +29,8 @@ def main() -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the non-private run")
     args = p.parse_args()
     setup_logging()
-    cfg = config(args, **{"dataset": "fashion-mnist", "num-sites": 10, "partition": "dirichlet", "alpha": 0.5, "delta": 1e-5, "num-rounds": 20})
+    fixed = {"dataset": "fashion-mnist", "num-sites": 10, "partition": "dirichlet", "alpha": 0.5, "delta": 1e-5}
+    cfg = config(args, defaults={"num-rounds": 20}, **fixed)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     train, test = load_dataset(cfg)  # warm the feature cache once
