@@ -30,8 +30,8 @@ from shared.rundir import RunDir
 from shared.task import Task
 
 from .central_dp import central_summary
-from .sites import wait_for_sites
 from .guard import AllSitesFailed, RoundReport, RunStopped, SiteGuard, is_refusal, last_line
+from .sites import wait_for_sites
 from .strategies import build_strategy
 
 __all__ = ["app", "build_server_app", "serve", "privacy_summary", "AllSitesFailed"]

@@ -39,6 +39,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from shared.protocol import NUM_EXAMPLES, SITE_RECORD
+
 from .sites import wait_for_sites
 
 __all__ = ["run_secagg_rounds", "PARAM_NAMES_KEY"]
