@@ -9,7 +9,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from shared.config import FedConfig, load_config, parse_overrides
+from fedlens.shared.config import FedConfig, load_config, parse_overrides
 
 
 def parser(description: str) -> argparse.ArgumentParser:

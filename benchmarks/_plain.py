@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from shared.averaging import ModelAverage
-from shared.config import FedConfig
-from shared.data import load_dataset
-from shared.privacy import DPRequest, PrivacyLedger, SiteBudget, plan_round
-from shared.task import Task, local_split, site_seed
-from simulations.partition import partition
+from fedlens.shared.averaging import ModelAverage
+from fedlens.shared.config import FedConfig
+from fedlens.shared.data import load_dataset
+from fedlens.shared.privacy import DPRequest, PrivacyLedger, SiteBudget, plan_round
+from fedlens.shared.task import Task, local_split, site_seed
+from fedlens.shared.data.partition import partition
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from _common import config, parser, result, setup_logging
 
-from simulations.runner import centralized, simulate
+from fedlens.simulations.runner import centralized, simulate
 
 
 def main() -> None:

@@ -26,14 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.deployment.images import write_folders  # noqa: E402
-from tests.deployment.procs import Procs, free_port, listening, wait_for  # noqa: E402
-
-from server.certs import add_site, init_ca  # noqa: E402
-from shared.config import FedConfig  # noqa: E402
+from fedlens.ops.certs import add_site, init_ca
+from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
+from fedlens.shared.config import FedConfig
+from fedlens.shared.data.samples import write_sample_folders
 
 SITES = ["site-a", "site-b"]
 
@@ -47,8 +43,8 @@ def _round_times(run_dir: Path) -> list[float]:
 def _per_message_startup(env: dict[str, str], site_dir: Path, cache: str) -> float:
     """Seconds a fresh process needs to import the ClientApp and load a deployed site."""
     code = (
-        "import time; t=time.perf_counter(); import client.app; from client.site import load_site; "
-        "from shared.config import FedConfig; "
+        "import time; t=time.perf_counter(); import fedlens.client.app; from fedlens.client.site import load_site; "
+        "from fedlens.shared.config import FedConfig; "
         f"cfg=FedConfig.from_mapping({{'image-size': 32, 'batch-size': 16, 'cache-dir': {cache!r}}}); "
         f"load_site(cfg, {{'data-path': {str(site_dir)!r}, 'site-name': 'site-a'}}); print(time.perf_counter()-t)"
     )
@@ -65,7 +61,7 @@ def _deploy(root: Path, env: dict[str, str], certs: Path, data: dict[str, Path],
         procs.start("server", "server", "start", "--certs", str(certs), "--state-dir", str(state), "--host", "127.0.0.1", "--port", str(port))
         wait_for(lambda: listening(port), 60, "server")
         for site in SITES:
-            subprocess.run([sys.executable, "-m", "simulations.cli", "server", "add-site", site, str(certs / "sites" / f"{site}.pub"),
+            subprocess.run([sys.executable, "-m", "fedlens.ops.cli", "server", "add-site", site, str(certs / "sites" / f"{site}.pub"),
                             "--state-dir", str(state)], env=env, check=True, capture_output=True)  # fmt: skip
             procs.start(site, "client", "start", "--server", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem"),
                         "--key", str(certs / "sites" / f"{site}.key"), "--data", str(data[site]), "--state-dir", str(root / "state" / site),
@@ -87,9 +83,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fedlens-deploy-bench-"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FLWR_HOME": str(root / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # fmt: skip
-    data = write_folders(root / "images", ["server", *SITES])
+    env = flower_env(FLWR_HOME=str(root / "flwr-home"))
+    data = write_sample_folders(root / "images", ["server", *SITES])
     pooled = root / "pooled"  # the same images in one folder, for the simulation
     for name in ("server", *SITES):
         shutil.copytree(data[name], pooled, dirs_exist_ok=True)
@@ -106,7 +101,7 @@ def main() -> None:
     sim_file = root / "sim.toml"
     sim_file.write_text(FedConfig.from_mapping({**base, "data-path": str(pooled), "test-fraction": 1 / 3, "partition": "iid"}).to_toml())
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--config", str(sim_file), "--out", str(root / "sim-run")], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "fedlens.ops.cli", "simulate", "--config", str(sim_file), "--out", str(root / "sim-run")], env=env, check=True, capture_output=True)
     sim_wall = time.monotonic() - started
     sim = _round_times(root / "sim-run")
     startup = _per_message_startup(env, data["site-a"], cache)

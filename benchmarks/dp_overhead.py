@@ -18,9 +18,9 @@ import torch
 from _common import config, parser, result, setup_logging
 from torch import nn
 
-from shared.privacy import DPSGD, resolve_dp_mode
-from shared.privacy.dpsgd import PlainStepper
-from shared.task import Task
+from fedlens.shared.privacy import DPSGD, resolve_dp_mode
+from fedlens.shared.privacy.dpsgd import PlainStepper
+from fedlens.shared.task import Task
 
 
 def _make_dp(task: Task, mode: str):

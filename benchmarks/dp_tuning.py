@@ -26,9 +26,9 @@ import torch
 from _common import config, parser, result, setup_logging
 from _plain import plain_fedavg
 
-from shared.config import FedConfig, parse_overrides
-from shared.data import load_dataset
-from shared.task import Task
+from fedlens.shared.config import FedConfig, parse_overrides
+from fedlens.shared.data import load_dataset
+from fedlens.shared.task import Task
 
 
 def _variant(text: str) -> tuple[str, list[float] | None, dict[str, object]]:

@@ -16,12 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import result, setup_logging
 
-from _common import result, setup_logging  # noqa: E402
-
-from shared.explain import ExplainOptions, explain  # noqa: E402
+from fedlens.shared.explain import ExplainOptions, explain
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from _common import config, parser, result, setup_logging
 
 from _plain import plain_fedavg
 
-from shared.data import load_dataset
-from shared.task import Task
-from simulations.runner import simulate
+from fedlens.shared.data import load_dataset
+from fedlens.shared.task import Task
+from fedlens.simulations.runner import simulate
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from _common import config, parser, result, setup_logging
 
-from shared.config import FedConfig
-from shared.data import load_dataset
-from shared.task import Task
-from simulations.runner import simulate
+from fedlens.shared.config import FedConfig
+from fedlens.shared.data import load_dataset
+from fedlens.shared.task import Task
+from fedlens.simulations.runner import simulate
 
 
 def main() -> None:

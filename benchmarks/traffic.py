@@ -12,8 +12,8 @@ from _common import config, parser, result
 
 from flwr.app import ArrayRecord
 
-from shared.config import FedConfig
-from shared.task import Task
+from fedlens.shared.config import FedConfig
+from fedlens.shared.task import Task
 
 POLICIES = ("head", "last-1", "last-2", "last-4", "full")
 

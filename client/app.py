@@ -18,14 +18,14 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from shared.checkpoint import read_checkpoint_meta, save_checkpoint
-from shared.config import FedConfig
-from shared.errors import FedlensError
-from shared.privacy import DPRequest, PrivacyLedger, RoundPlan, SiteRefusal, plan_round
-from shared.privacy.budget import allows_evaluation, allows_non_private
-from shared.privacy.outbox import UpdateOutbox, state_digest
-from shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
-from shared.task import site_seed
+from fedlens.shared.checkpoint import read_checkpoint_meta, save_checkpoint
+from fedlens.shared.config import FedConfig
+from fedlens.shared.errors import FedlensError
+from fedlens.shared.privacy import DPRequest, PrivacyLedger, RoundPlan, SiteRefusal, plan_round
+from fedlens.shared.privacy.budget import allows_evaluation, allows_non_private
+from fedlens.shared.privacy.outbox import UpdateOutbox, state_digest
+from fedlens.shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
+from fedlens.shared.task import site_seed
 
 from .secagg import handle_secagg, is_secagg_message
 from .site import Site, load_site, site_privacy

@@ -28,7 +28,7 @@ from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_para
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
-from shared.protocol import SITE_RECORD
+from fedlens.shared.protocol import SITE_RECORD
 
 __all__ = ["is_secagg_message", "handle_secagg", "PARAM_NAMES_KEY"]
 

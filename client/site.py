@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.config import FedConfig, parse_site_budgets
-from shared.errors import ConfigError
-from shared.privacy import PrivacyLedger, SiteBudget
-from shared.data import ImageSet, load_dataset, load_image_folder
-from shared.task import LocalData, Task, local_split
+from fedlens.shared.config import FedConfig, parse_site_budgets
+from fedlens.shared.errors import ConfigError
+from fedlens.shared.privacy import PrivacyLedger, SiteBudget
+from fedlens.shared.data import ImageSet, load_dataset, load_image_folder
+from fedlens.shared.task import LocalData, Task, local_split
 
 __all__ = ["Site", "load_site", "site_privacy"]
 
@@ -50,7 +50,7 @@ def _pool(cfg_json: str) -> tuple[Task, ImageSet, LocalData]:
 
 @functools.lru_cache(maxsize=64)
 def _partition(cfg_json: str, site: int) -> np.ndarray:
-    from simulations.partition import partition  # only simulated sites partition a pool
+    from fedlens.shared.data.partition import partition  # only simulated sites partition a pool
 
     cfg = FedConfig.from_mapping(json.loads(cfg_json))
     _task, pool, _data = _pool(cfg_json)

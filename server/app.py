@@ -20,14 +20,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from shared.averaging import ModelAverage
-from shared.checkpoint import load_checkpoint
-from shared.config import RUN_DIR_KEY, FedConfig
-from shared.errors import ConfigError
-from shared.data import load_dataset
-from shared.protocol import ROUND_OFFSET, RUN_ID
-from shared.rundir import RunDir
-from shared.task import Task
+from fedlens.shared.averaging import ModelAverage
+from fedlens.shared.checkpoint import load_checkpoint
+from fedlens.shared.config import RUN_DIR_KEY, FedConfig
+from fedlens.shared.errors import ConfigError
+from fedlens.shared.data import load_dataset
+from fedlens.shared.protocol import ROUND_OFFSET, RUN_ID
+from fedlens.shared.rundir import RunDir
+from fedlens.shared.task import Task
 
 from .central_dp import central_summary
 from .guard import AllSitesFailed, RoundReport, RunStopped, SiteGuard, is_refusal, last_line

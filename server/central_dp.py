@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from shared.config import FedConfig
+from fedlens.shared.config import FedConfig
 
 __all__ = ["wrap_central_dp", "sampled_sites", "central_summary"]
 

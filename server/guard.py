@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from shared.protocol import SITE_RECORD
+from fedlens.shared.protocol import SITE_RECORD
 
 __all__ = ["SiteGuard", "AllSitesFailed", "RunStopped", "RoundReport", "is_refusal"]
 

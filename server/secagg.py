@@ -38,7 +38,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from shared.protocol import NUM_EXAMPLES, SITE_RECORD
+from fedlens.shared.protocol import NUM_EXAMPLES, SITE_RECORD
 
 from .sites import wait_for_sites
 

@@ -6,8 +6,8 @@ from typing import Callable
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
-from shared.config import FedConfig
-from shared.protocol import NUM_EXAMPLES, UNIT_WEIGHT
+from fedlens.shared.config import FedConfig
+from fedlens.shared.protocol import NUM_EXAMPLES, UNIT_WEIGHT
 
 __all__ = ["build_strategy", "STRATEGIES"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,10 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["FedConfig", "load_config", "parse_overrides", "parse_site_budgets", "config_keys"]
+__all__ = [
+    "FedConfig", "load_config", "parse_overrides", "parse_site_budgets", "config_keys",
+    "check_epsilon_delta", "policy_parts", "augment_names", "AUGMENTS",
+]  # fmt: skip
 
 DATASETS = ("fashion-mnist", "folder", "npz")
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
@@ -28,6 +32,8 @@ OPTIMIZERS = ("adam", "sgd")
 DP_MODES = ("auto", "book-keeping", "hooks", "functorch")
 ACCOUNTANTS = ("rdp", "prv")
 CENTRAL_DP = ("off", "server", "client")
+AUGMENTS = ("flip", "crop", "color")
+_POLICY = re.compile(r"head|full|last-([1-9][0-9]*)")
 # Flower run-config keys that wire the app (where to write) rather than configure ML:
 # `out-dir` is the parent of per-Flower-run folders (`flwr run`), `run-dir` one exact
 # run folder (`fedlens run`, which can resume it after a server restart).
@@ -259,9 +265,7 @@ def _check_ranges(cfg: FedConfig) -> None:
     need(0.0 <= cfg.momentum < 1.0, f"`momentum` must be in [0, 1), got {cfg.momentum}")
     need(cfg.weight_decay >= 0.0, f"`weight-decay` must be >= 0, got {cfg.weight_decay}")
     if cfg.dp:
-        from .privacy.accounting import check_privacy_params  # raises on epsilon <= 0 / delta outside (0, 1)
-
-        check_privacy_params(epsilon=cfg.target_epsilon, delta=cfg.delta)
+        check_epsilon_delta(epsilon=cfg.target_epsilon, delta=cfg.delta)
     need(cfg.max_grad_norm > 0.0, f"`max-grad-norm` must be > 0, got {cfg.max_grad_norm}")
     need(cfg.site_max_epsilon >= 0.0, f"`site-max-epsilon` must be >= 0 (0 = target-epsilon), got {cfg.site_max_epsilon}")
     parse_site_budgets(cfg.site_budgets)
@@ -292,12 +296,53 @@ def _check_ranges(cfg: FedConfig) -> None:
         )
         need(cfg.secagg_clip_range > 0.0, f"`secagg-clip-range` must be > 0, got {cfg.secagg_clip_range}")
     need(cfg.dataset == "fashion-mnist" or bool(cfg.data_path), f"`dataset = {cfg.dataset!r}` needs `data-path`")
-    # Imported here: both parsers raise ConfigError with the accepted forms.
-    from .data.transforms import parse_augment
-    from .models import parse_policy
+    policy_parts(cfg.policy)
+    augment_names(cfg.augment)
 
-    parse_policy(cfg.policy)
-    parse_augment(cfg.augment)
+
+def check_epsilon_delta(*, epsilon: float, delta: float) -> None:
+    """The one rule for a privacy budget: epsilon > 0 and delta in (0, 1).
+
+    Raises
+    ------
+    ConfigError
+        Otherwise.
+    """
+    if not epsilon > 0:
+        raise ConfigError(f"epsilon must be > 0, got {epsilon}; typical budgets are 1 to 8")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}; use well below 1/n, e.g. 1e-5")
+
+
+def policy_parts(text: str) -> tuple[str, int]:
+    """``"head"`` -> ``("head", 0)``, ``"full"`` -> ``("full", 0)``, ``"last-N"`` -> ``("last", N)``.
+
+    Raises
+    ------
+    ConfigError
+        For anything else.
+    """
+    match = _POLICY.fullmatch(text)
+    if not match:
+        raise ConfigError(f"unknown fine-tune policy {text!r}; use `head`, `full` or `last-N` with N >= 1 (e.g. last-2)")
+    return ("last", int(match.group(1))) if match.group(1) else (text, 0)
+
+
+def augment_names(text: str) -> tuple[str, ...]:
+    """``"none"`` -> ``()``; ``"flip, crop"`` -> ``("flip", "crop")``.
+
+    Raises
+    ------
+    ConfigError
+        For names not in :data:`AUGMENTS`.
+    """
+    if text.strip() in ("", "none"):
+        return ()
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [n for n in names if n not in AUGMENTS]
+    if bad:
+        raise ConfigError(f"unknown augmentation(s) {', '.join(bad)}; use `none` or a comma list of {', '.join(AUGMENTS)}")
+    return names
 
 
 def parse_site_budgets(text: str) -> dict[str, float]:

@@ -1,6 +1,16 @@
-"""Names of the records exchanged between server and sites (one place for both sides)."""
+"""What server and sites agree on to talk through Flower: record names and the
+environment every Flower process of fedlens runs with (one place for all sides).
+Constants only: nothing here imports Flower."""
 
-__all__ = ["SITE_RECORD", "ROUND_OFFSET", "NUM_EXAMPLES", "RUN_ID", "UNIT_WEIGHT"]
+__all__ = ["SITE_RECORD", "ROUND_OFFSET", "NUM_EXAMPLES", "RUN_ID", "UNIT_WEIGHT", "FLOWER_ENV"]
+
+# Flower must neither phone home nor install packages at run time (runtime dependency
+# installation runs `uv sync` into a fresh environment and pulls a CUDA build of torch).
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
 
 # ConfigRecord a site adds to every reply: {"name": <site name>}.
 SITE_RECORD = "site"

@@ -10,31 +10,26 @@ from typing import Any
 
 import numpy as np
 
-from shared.config import FedConfig
-from shared.data import load_dataset
-from shared.errors import FedlensError
-from shared.rundir import SITES_DIR, RunDir
-from shared.task import Task
+from fedlens.shared.config import FedConfig
+from fedlens.shared.data import load_dataset
+from fedlens.shared.errors import FedlensError
+from fedlens.shared.rundir import SITES_DIR, RunDir
+from fedlens.shared.task import Task
 
-from shared.privacy import check_privacy_params
-from shared.privacy.dpsgd import INSECURE_RNG_WARNING, sample_rate_for, secure_generator
-from shared.task import local_split_indices
+from fedlens.shared.privacy import check_privacy_params
+from fedlens.shared.privacy.dpsgd import INSECURE_RNG_WARNING, sample_rate_for, secure_generator
+from fedlens.shared.task import local_split_indices
 
-from .partition import class_counts, partition
+from fedlens.shared.data.partition import class_counts, partition
+from fedlens.shared.protocol import FLOWER_ENV
 
 __all__ = ["simulate", "centralized", "SimulationFailed", "quiet_flower"]
 
 _log = logging.getLogger("fedlens.simulations")
 
-# Flower must neither phone home nor install packages at run time (it would pull a
-# CUDA build of torch into a fresh environment).
-_FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
+# Ray, under the simulation engine: keep every site's log line, and leave
+# CUDA_VISIBLE_DEVICES alone for sites that asked for no GPU.
+_RAY_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
 class SimulationFailed(FedlensError):
@@ -48,7 +43,7 @@ class _DropDeprecation(logging.Filter):
 
 def quiet_flower() -> None:
     """Keep Flower's per-message INFO logs off the terminal (warnings still show)."""
-    for key, value in _FLOWER_ENV.items():
+    for key, value in {**FLOWER_ENV, **_RAY_ENV}.items():
         os.environ.setdefault(key, value)
     import flwr.simulation  # noqa: F401  (importing Flower resets its logger to DEBUG)
 
@@ -132,8 +127,8 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
 
     from flwr.simulation import run_simulation
 
-    from client.app import build_client_app
-    from server.app import build_server_app
+    from fedlens.client.app import build_client_app
+    from fedlens.server.app import build_server_app
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count() or 1}}
     if cfg.device != "cpu":
@@ -165,7 +160,7 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
 
 def _report(cfg: FedConfig, run: RunDir, test: Any) -> None:
     """The explainability report of the final model on the test set (``report/``)."""
-    from shared.explain import ExplainOptions, explain
+    from fedlens.shared.explain import ExplainOptions, explain
 
     _log.info("explainability report: %d test images per class", cfg.report_per_class)
     try:

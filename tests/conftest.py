@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+from fedlens.shared.protocol import FLOWER_ENV
+
+for _key, _value in FLOWER_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 def _pattern(cls: int, rng: np.random.Generator, size: int) -> np.ndarray:

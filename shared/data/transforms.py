@@ -7,12 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..config import augment_names
 from ..models import Preprocessing
 
 __all__ = ["Augment", "parse_augment", "ImageTransform"]
 
-_AUGMENTS = ("flip", "crop", "color")
 
 
 @dataclass(frozen=True)
@@ -36,12 +35,7 @@ def parse_augment(text: str) -> Augment:
     ConfigError
         For unknown names.
     """
-    if text.strip() in ("", "none"):
-        return Augment()
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in _AUGMENTS]
-    if bad:
-        raise ConfigError(f"unknown augmentation(s) {', '.join(bad)}; use `none` or a comma list of {', '.join(_AUGMENTS)}")
+    names = augment_names(text)
     return Augment(flip="flip" in names, crop="crop" in names, color="color" in names)
 
 

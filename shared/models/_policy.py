@@ -8,7 +8,6 @@ statistics) and means no buffers ever travel between sites and server.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -16,12 +15,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..config import policy_parts
 from ..errors import ConfigError
 from ._types import FedModel
 
 __all__ = ["FineTunePolicy", "parse_policy", "apply_policy", "train_mode", "trainable_state_dict", "load_trainable"]
 
-_LAST_N = re.compile(r"^last-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -56,12 +55,8 @@ def parse_policy(text: str) -> FineTunePolicy:
     ConfigError
         For anything else.
     """
-    if text in ("head", "full"):
-        return FineTunePolicy(text)
-    match = _LAST_N.match(text)
-    if match and int(match.group(1)) >= 1:
-        return FineTunePolicy("last", int(match.group(1)))
-    raise ConfigError(f"unknown fine-tune policy {text!r}; use `head`, `full` or `last-N` with N >= 1 (e.g. last-2)")
+    kind, n = policy_parts(text)
+    return FineTunePolicy(kind, n) if kind == "last" else FineTunePolicy(kind)
 
 
 def apply_policy(model: FedModel, policy: FineTunePolicy) -> int:

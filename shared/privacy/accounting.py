@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Iterable
 
+from ..config import check_epsilon_delta
 from ..errors import ConfigError
 
 __all__ = ["ACCOUNTANTS", "calibrate_noise", "check_privacy_params", "compact_history", "epsilon_of"]
@@ -36,10 +37,7 @@ def check_privacy_params(*, epsilon: float, delta: float, dataset_size: int | No
     ConfigError
         For epsilon <= 0 or delta outside (0, 1).
     """
-    if not epsilon > 0:
-        raise ConfigError(f"epsilon must be > 0, got {epsilon}; typical budgets are 1 to 8")
-    if not 0 < delta < 1:
-        raise ConfigError(f"delta must be in (0, 1), got {delta}; use well below 1/n, e.g. 1e-5")
+    check_epsilon_delta(epsilon=epsilon, delta=delta)
     warnings = []
     if dataset_size and delta >= 1.0 / dataset_size:
         warnings.append(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.app import _site_update
-from client.site import load_site
-from shared.config import FedConfig
-from shared.errors import ConfigError
-from shared.privacy import BudgetExceeded, PrivacyLedger, SiteRefusal
+from fedlens.client.app import _site_update
+from fedlens.client.site import load_site
+from fedlens.shared.config import FedConfig
+from fedlens.shared.errors import ConfigError
+from fedlens.shared.privacy import BudgetExceeded, PrivacyLedger, SiteRefusal
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_the_server_cannot_lift_a_site_budget(deployed, tmp_path):
 
 
 def test_a_private_site_releases_held_out_metrics_only_if_it_opts_in(deployed):
-    from client.app import _evaluate
+    from fedlens.client.app import _evaluate
 
     cfg, node = deployed
     with pytest.raises(SiteRefusal, match="allow-evaluation"):

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from server.certs import add_site, init_ca
-from shared.config import FedConfig
+from fedlens.ops.certs import add_site, init_ca
+from fedlens.shared.config import FedConfig
 
-from .images import write_folders
-from .procs import Procs, free_port, listening, wait_for
+from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
+from fedlens.shared.data.samples import write_sample_folders
 
-REPO = Path(__file__).resolve().parents[2]
 SITES = ["site-a", "site-b", "site-c"]
 
 # Tiny work: 3 classes of 32 px images, 20 per class and site.
@@ -51,7 +50,7 @@ class Federation:
 
     def fedlens(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a short ``fedlens`` command to completion."""
-        return subprocess.run([sys.executable, "-m", "simulations.cli", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([sys.executable, "-m", "fedlens.ops.cli", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def start_server(self) -> None:
         self.procs.start("server", "server", "start", "--certs", str(self.certs), "--state-dir", str(self.state), "--host", "127.0.0.1", "--port", str(self.port))
@@ -88,7 +87,7 @@ class Federation:
 
 @pytest.fixture(scope="session")
 def deploy_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_folders(tmp_path_factory.mktemp("deploy-images"), ["server", *SITES])
+    return write_sample_folders(tmp_path_factory.mktemp("deploy-images"), ["server", *SITES])
 
 
 @pytest.fixture
@@ -98,11 +97,7 @@ def federation(tmp_path: Path, deploy_images: dict[str, Path], cache_dir: str) -
     init_ca(certs, ["127.0.0.1"])
     for site in [*SITES, "rogue"]:
         add_site(certs, site)
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(REPO), FLWR_HOME=str(tmp_path / "flwr-home"),
-        FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-    )  # fmt: skip
+    env = flower_env(FLWR_HOME=str(tmp_path / "flwr-home"))
     procs = Procs(tmp_path / "logs", env)
     fed = Federation(tmp_path, procs, free_port(), certs, tmp_path / "server-state", deploy_images, env, cache_dir)
     try:

@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from server.certs import CertPaths, init_ca, issue_server_cert
-from server.control import flower_env
-from server.superlink import ServerSettings, superlink_command
-from shared.checkpoint import read_checkpoint_meta
-from shared.config import FedConfig
-from shared.explain import ExplainOptions, explain
-from shared.privacy import PrivacyLedger
+from fedlens.ops.certs import CertPaths, init_ca, issue_server_cert
+from fedlens.ops.superlink import ServerSettings, superlink_command
+from fedlens.shared.checkpoint import read_checkpoint_meta
+from fedlens.shared.config import FedConfig
+from fedlens.shared.explain import ExplainOptions, explain
+from fedlens.shared.privacy import PrivacyLedger
 
 from .conftest import RUN, SITES, Federation
-from .images import CLASSES
-from .procs import Procs, free_port, listening, wait_for
+from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
+from fedlens.shared.data.samples import SAMPLE_CLASSES
 
 pytestmark = pytest.mark.deployment
 
@@ -55,7 +54,7 @@ def test_three_sites_two_rounds_over_tls(federation: Federation, tmp_path):
     # Each site kept the last global model and can explain it on its own images.
     kept = federation.root / "state" / "site-a" / "global-model.safetensors"
     meta = read_checkpoint_meta(kept)
-    assert meta["round"] == 2 and meta["classes"] == sorted(CLASSES) and meta["site"] == "site-a"
+    assert meta["round"] == 2 and meta["classes"] == sorted(SAMPLE_CLASSES) and meta["site"] == "site-a"
     report = explain(kept, str(federation.data["site-a"]), tmp_path / "site-report", ExplainOptions(methods=("saliency",), per_class=1, sanity_images=2))
     assert report["data"]["images"] == 60 and (tmp_path / "site-report" / "report.html").is_file()
 
@@ -177,7 +176,7 @@ def test_expired_server_certificate_is_refused_by_server_and_site(federation: Fe
 
 def test_insecure_mode_works_end_to_end_and_says_so(tmp_path, deploy_images, cache_dir):
     """`--insecure` (closed test networks): no TLS, no authentication, loud about it, still a real run."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "FLWR_HOME": str(tmp_path / "home")}
+    env = flower_env(FLWR_HOME=str(tmp_path / "home"))
     procs = Procs(tmp_path / "logs", env)
     port = free_port()
     try:

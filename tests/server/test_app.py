@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from server.app import _await_sites
+from fedlens.server.app import _await_sites
 
 
 class ArrivingGrid:

@@ -10,8 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from server.certs import CertError, CertPaths, add_site, init_ca, issue_server_cert, parse_server_names
-from server.superlink import check_certificates
+from fedlens.ops.certs import CertError, CertPaths, add_site, init_ca, issue_server_cert, parse_server_names
+from fedlens.ops.superlink import check_certificates
 
 
 def _mode(path) -> int:

@@ -20,11 +20,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from client import secagg as client_secagg
-from client.secagg import handle_secagg, is_secagg_message
-from server import secagg as server_secagg
-from server.secagg import run_secagg_rounds
-from shared.protocol import SITE_RECORD
+from fedlens.client import secagg as client_secagg
+from fedlens.client.secagg import handle_secagg, is_secagg_message
+from fedlens.server import secagg as server_secagg
+from fedlens.server.secagg import run_secagg_rounds
+from fedlens.shared.protocol import SITE_RECORD
 
 NUM_SITES = 3
 NUM_ROUNDS = 3

@@ -1,8 +1,8 @@
 import pytest
 
-from server.strategies import STRATEGIES, build_strategy
-from shared.config import STRATEGIES as CONFIG_STRATEGIES
-from shared.config import FedConfig
+from fedlens.server.strategies import STRATEGIES, build_strategy
+from fedlens.shared.config import STRATEGIES as CONFIG_STRATEGIES
+from fedlens.shared.config import FedConfig
 
 
 def test_every_configurable_strategy_builds():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from client.supernode import ConnectError, SiteSettings, check_site, node_config, supernode_command
-from server.certs import add_site, init_ca
-from server.control import ControlError
-from server.superlink import ServerSettings, add_site as register_site, superlink_command
+from fedlens.ops.supernode import ConnectError, SiteSettings, check_site, node_config, supernode_command
+from fedlens.ops.certs import add_site, init_ca
+from fedlens.ops.control import ControlError
+from fedlens.ops.superlink import ServerSettings, add_site as register_site, superlink_command
 
 
 def test_server_is_tls_with_site_auth_and_no_runtime_installs_by_default(tmp_path):
@@ -53,10 +53,10 @@ def test_registering_a_private_key_is_refused(tmp_path):
 
 
 def test_a_run_folder_is_held_by_one_server_app_at_a_time(tmp_path):
-    from server.app import _claim
-    from shared.config import FedConfig
-    from shared.errors import ConfigError
-    from shared.rundir import RunDir
+    from fedlens.server.app import _claim
+    from fedlens.shared.config import FedConfig
+    from fedlens.shared.errors import ConfigError
+    from fedlens.shared.rundir import RunDir
 
     run = RunDir.create(tmp_path / "run", FedConfig())
     with _claim(run):

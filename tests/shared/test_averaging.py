@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.averaging import ModelAverage
+from fedlens.shared.averaging import ModelAverage
 
 
 def _models(n: int) -> list[dict[str, torch.Tensor]]:

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from shared.errors import ConfigError
-from shared.privacy import BudgetExceeded, DPRequest, PrivacyLedger, SiteBudget, epsilon_of, plan_round
+from fedlens.shared.errors import ConfigError
+from fedlens.shared.privacy import BudgetExceeded, DPRequest, PrivacyLedger, SiteBudget, epsilon_of, plan_round
 
 N = 3200  # images at the site: q = 64 / 3200, 50 steps per round
 

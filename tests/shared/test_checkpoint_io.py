@@ -4,9 +4,9 @@ import pickle
 import pytest
 import torch
 
-from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.errors import CheckpointError
-from shared.io import append_jsonl, atomic_write_json
+from fedlens.shared.checkpoint import load_checkpoint, save_checkpoint
+from fedlens.shared.errors import CheckpointError
+from fedlens.shared.io import append_jsonl, atomic_write_json
 
 
 def test_checkpoint_round_trip_embeds_metadata(tmp_path):

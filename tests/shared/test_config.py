@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import APP_KEYS, FedConfig, config_keys, load_config, parse_overrides
-from shared.errors import ConfigError
+from fedlens.shared.config import APP_KEYS, FedConfig, config_keys, load_config, parse_overrides
+from fedlens.shared.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,14 +101,6 @@ def test_nested_tables_and_bad_toml_are_clear_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
-
-
-def test_flower_app_config_mirrors_the_dataclass_defaults():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    app_config = pyproject["tool"]["flwr"]["app"]["config"]
-    mirrored = {k: v for k, v in app_config.items() if k not in APP_KEYS}
-    assert mirrored == FedConfig().to_dict()
-    assert FedConfig.from_run_config(app_config) == FedConfig()
 
 
 def test_every_experiment_overlay_is_valid():

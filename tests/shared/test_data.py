@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.config import FedConfig
-from shared.data import (
+from fedlens.shared.config import FedConfig
+from fedlens.shared.data import (
     ImageSet,
     ImageTransform,
     decode_image,
@@ -18,9 +18,9 @@ from shared.data import (
     parse_augment,
     stratified_split,
 )
-from shared.data._decode import ImageDecodeError
-from shared.errors import DataError
-from shared.models import get_backbone
+from fedlens.shared.data._decode import ImageDecodeError
+from fedlens.shared.errors import DataError
+from fedlens.shared.models import get_backbone
 
 
 def test_image_folder_reads_every_mode(image_folder):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.config import FedConfig
-from shared.errors import ConfigError, DataError
-from shared.privacy import DPSGD, resolve_dp_mode
-from shared.privacy.dpsgd import sample_rate_for, steps_per_epoch
-from shared.models import train_mode
-from shared.task import LocalData, Task
+from fedlens.shared.config import FedConfig
+from fedlens.shared.errors import ConfigError, DataError
+from fedlens.shared.privacy import DPSGD, resolve_dp_mode
+from fedlens.shared.privacy.dpsgd import sample_rate_for, steps_per_epoch
+from fedlens.shared.models import train_mode
+from fedlens.shared.task import LocalData, Task
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from shared.checkpoint import save_checkpoint
-from shared.config import FedConfig
-from shared.errors import CheckpointError, DataError
-from shared.explain import ExplainOptions, attribute, deletion_insertion, explain, method_names, randomized_copy, rank_correlation
-from shared.models import FedModel
-from shared.task import Task
+from fedlens.shared.checkpoint import save_checkpoint
+from fedlens.shared.config import FedConfig
+from fedlens.shared.errors import CheckpointError, DataError
+from fedlens.shared.explain import ExplainOptions, attribute, deletion_insertion, explain, method_names, randomized_copy, rank_correlation
+from fedlens.shared.models import FedModel
+from fedlens.shared.task import Task
 
 
 class _LeftHalf(nn.Module):

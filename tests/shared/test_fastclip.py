@@ -7,7 +7,7 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from shared.privacy.fastclip import BookKeepingClipper, supports_fast_clipping
+from fedlens.shared.privacy.fastclip import BookKeepingClipper, supports_fast_clipping
 
 
 def _head(positions_side: int, d_in: int = 6, d_mid: int = 5) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.metrics import classification_report, roc_auc_ovr
+from fedlens.shared.metrics import classification_report, roc_auc_ovr
 
 
 def test_report_matches_hand_counts():

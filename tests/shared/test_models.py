@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from shared.errors import ConfigError, WeightsError
-from shared.models import (
+from fedlens.shared.errors import ConfigError, WeightsError
+from fedlens.shared.models import (
     LITE0_SHA256,
     BackboneSpec,
     apply_policy,
@@ -19,7 +19,7 @@ from shared.models import (
     sha256_of,
     trainable_state_dict,
 )
-from shared.models._weights import lite0_weights_path
+from fedlens.shared.models._weights import lite0_weights_path
 
 BACKBONES = list_backbones()
 
@@ -178,9 +178,9 @@ def test_missing_weights_file_is_an_error_not_random_weights(tmp_path):
 
 
 def test_low_rank_adapters_start_from_the_pretrained_function_and_train_few_numbers():
-    from shared.config import FedConfig
-    from shared.privacy import resolve_dp_mode
-    from shared.task import Task
+    from fedlens.shared.config import FedConfig
+    from fedlens.shared.privacy import resolve_dp_mode
+    from fedlens.shared.task import Task
 
     plain = Task(FedConfig(image_size=32, device="cpu"), 3)
     adapted = Task(FedConfig(image_size=32, device="cpu", lora_rank=8), 3)

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-from shared.data import ImageTransform
-from shared.models import create_model, get_backbone
+from fedlens.shared.data import ImageTransform
+from fedlens.shared.models import create_model, get_backbone
 
 skimage_data = pytest.importorskip("skimage.data")
 

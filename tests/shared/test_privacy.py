@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from shared.errors import ConfigError, FedlensError
-from shared.privacy import PrivacyLedger, calibrate_noise, check_privacy_params, epsilon_of
+from fedlens.shared.errors import ConfigError, FedlensError
+from fedlens.shared.privacy import PrivacyLedger, calibrate_noise, check_privacy_params, epsilon_of
 
 Q, STEPS_PER_ROUND, ROUNDS, DELTA = 0.01, 100, 5, 1e-5
 
@@ -42,7 +42,7 @@ def test_history_composes_like_one_long_run():
 def test_compacted_history_gives_what_opacus_gives_for_the_raw_history(accountant):
     from opacus.accountants import create_accountant
 
-    from shared.privacy.accounting import _epsilon_kwargs, compact_history
+    from fedlens.shared.privacy.accounting import _epsilon_kwargs, compact_history
 
     # A resumed run: rounds at one noise, a re-calibrated stretch, then the first noise again.
     raw = [(1.1, Q, 40), (1.1, Q, 40), (1.3, 2 * Q, 25), (1.1, Q, 40), (1.3, 2 * Q, 0)]
@@ -92,7 +92,7 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_start(tmp_path):
 
 _WRITER = """
 import sys
-from shared.privacy import PrivacyLedger
+from fedlens.shared.privacy import PrivacyLedger
 ledger = PrivacyLedger(sys.argv[1])
 for r in range(1, 100000):
     ledger.record(run_id="r", round=r, noise_multiplier=1.0, sample_rate=0.01, steps=10, delta=1e-5)

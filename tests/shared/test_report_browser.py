@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.explain import ExplainOptions, explain
+from fedlens.shared.explain import ExplainOptions, explain
 
 from .test_explain import model_file  # noqa: F401  (fixture)
 

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import torch
 
-from shared.config import FedConfig
-from shared.data import load_image_folder
-from shared.task import Task
+from fedlens.shared.config import FedConfig
+from fedlens.shared.data import load_image_folder
+from fedlens.shared.task import Task
 
 
 def _task(cache_dir, **kw):

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from shared.config import FedConfig
-from shared.errors import ConfigError
-from simulations.partition import MIN_SITE_IMAGES, PARTITIONERS, class_counts, partition
+from fedlens.shared.config import FedConfig
+from fedlens.shared.errors import ConfigError
+from fedlens.shared.data.partition import MIN_SITE_IMAGES, PARTITIONERS, class_counts, partition
 
 LABELS = np.repeat(np.arange(10), 100)
 

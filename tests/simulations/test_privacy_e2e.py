@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from shared.config import FedConfig
-from shared.privacy import PrivacyLedger, epsilon_of
-from simulations.runner import simulate
+from fedlens.shared.config import FedConfig
+from fedlens.shared.privacy import PrivacyLedger, epsilon_of
+from fedlens.simulations.runner import simulate
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from shared.checkpoint import load_checkpoint
-from shared.config import FedConfig
-from simulations.runner import SimulationFailed, centralized, simulate
+from fedlens.shared.checkpoint import load_checkpoint
+from fedlens.shared.config import FedConfig
+from fedlens.simulations.runner import SimulationFailed, centralized, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def test_centralized_baseline(tmp_path, cache_dir):
 
 def _fedlens(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", *args],
+        [sys.executable, "-m", "fedlens.ops.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -134,7 +134,7 @@ def test_killed_run_resumes_from_its_last_completed_round(tmp_path, cache_dir):
     assert final.training_state is not None and set(final.training_state) <= set(final.state)
     assert all("server_unaveraged" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
     # The sites' privacy ledgers survived the kill: same run, history carried, nothing reset.
-    from shared.privacy import PrivacyLedger
+    from fedlens.shared.privacy import PrivacyLedger
 
     run_id = (out / "run-id").read_text().strip()
     for site in ("site-0", "site-1"):
@@ -154,7 +154,7 @@ def test_cli_reports_bad_config_without_starting(tmp_path):
 
 
 def test_privacy_show_prints_the_ledger(tmp_path):
-    from shared.privacy import PrivacyLedger
+    from fedlens.shared.privacy import PrivacyLedger
 
     PrivacyLedger(tmp_path).record(run_id="run-7", round=1, noise_multiplier=1.2, sample_rate=0.02, steps=50, delta=1e-5)
     proc = _fedlens("privacy", "show", str(tmp_path), "--json")
@@ -175,7 +175,7 @@ def test_every_command_has_help(command):
 
 
 def test_invalid_partition_fails_before_creating_the_run_folder(tmp_path, cache_dir):
-    from shared.errors import ConfigError
+    from fedlens.shared.errors import ConfigError
 
     cfg = _cfg(cache_dir, **{"max-train-images": 30, "num-sites": 20, "min-sites": 2})
     with pytest.raises(ConfigError, match="at least 40 training images"):

@@ -1,4 +1,4 @@
-"""Real processes for deployment tests: started here, always stopped here, by PID.
+"""Processes fedlens starts (servers, sites): started here, always stopped here, by PID.
 
 Flower's SuperLink and SuperNode start detached children (SuperExec, app
 processes), so stopping a process first snapshots its whole tree from ``/proc`` and
@@ -15,6 +15,32 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+from fedlens.shared.errors import FedlensError
+from fedlens.shared.protocol import FLOWER_ENV
+
+__all__ = ["Procs", "flower_bin", "flower_env", "free_port", "listening", "tree", "wait_for"]
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower executable installed next to this Python (the same environment)."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise FedlensError(f"{name} not found next to {sys.executable}; install fedlens with `pip install -e .` in this environment")
+    return str(path)
+
+
+def flower_env(**extra: str) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry, no update check, no runtime installs.
+
+    The environment's ``bin`` goes first on ``PATH`` because the SuperLink and
+    SuperNode start ``flower-superexec`` and the app processes by name.
+    """
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(FLOWER_ENV, PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
 
 
 def free_port() -> int:
@@ -69,7 +95,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
         if check():
             return
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 class Procs:
@@ -85,7 +111,7 @@ class Procs:
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "simulations.cli", *args],
+            [sys.executable, "-m", "fedlens.ops.cli", *args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
         )  # fmt: skip
         log.close()

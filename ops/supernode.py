@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import FedlensError
+from fedlens.shared.errors import FedlensError
+
+from .procs import flower_bin, flower_env
 
 __all__ = ["SiteSettings", "ConnectError", "check_server", "node_config", "supernode_command", "run_supernode"]
 
@@ -156,8 +158,6 @@ def node_config(s: SiteSettings) -> str:
 
 
 def supernode_command(s: SiteSettings) -> list[str]:
-    from server.control import flower_bin
-
     cmd = [flower_bin("flower-supernode"), "--superlink", s.server, "--node-config", node_config(s), "--port", str(s.port)]
     if s.ca is None:
         return [*cmd, "--insecure"]
@@ -167,7 +167,7 @@ def supernode_command(s: SiteSettings) -> list[str]:
 
 def check_site(s: SiteSettings) -> int:
     """Check the site's own side before connecting; returns the number of readable images."""
-    from shared.data import load_image_folder
+    from fedlens.shared.data import load_image_folder
 
     if s.ca is not None:
         if not s.ca.is_file():
@@ -209,8 +209,6 @@ def run_supernode(s: SiteSettings) -> int:
     Known fatal Flower errors end the site with a translated message (exit 3).
     SIGINT/SIGTERM stop the SuperNode and its app processes.
     """
-    from server.control import flower_env
-
     cmd = supernode_command(s)
     env = flower_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

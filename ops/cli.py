@@ -12,52 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from shared.config import FedConfig, config_help, load_config, parse_overrides
-from shared.errors import FedlensError
+from fedlens.shared.config import FedConfig, config_help
+from fedlens.shared.errors import FedlensError
 
-__all__ = ["main", "add_config_args", "default_out", "print_result", "resolve_config", "run_target"]
+from .cli_common import add_config_args, default_out, print_result, resolve_config, run_target
 
-EXPERIMENTS = Path(__file__).parent / "experiments"
-
-
-def _experiments() -> list[str]:
-    return sorted(p.stem for p in EXPERIMENTS.glob("*.toml"))
-
-
-def resolve_config(args: argparse.Namespace) -> FedConfig:
-    path = args.config
-    if getattr(args, "experiment", None):
-        if path:
-            raise FedlensError("give either --config or --experiment, not both")
-        path = EXPERIMENTS / f"{args.experiment}.toml"
-        if not path.is_file():
-            raise FedlensError(f"unknown experiment {args.experiment!r}; available: {', '.join(_experiments())}")
-    return load_config(path, parse_overrides(args.set or []))
-
-
-def add_config_args(p: argparse.ArgumentParser, *, experiments: bool = True) -> None:
-    p.add_argument("--config", type=Path, help="TOML file with config keys (kebab-case, flat)")
-    if experiments:
-        p.add_argument("--experiment", help=f"a bundled experiment overlay: {', '.join(_experiments())}")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key (repeatable), e.g. --set num-rounds=3")
-
-
-def default_out(kind: str) -> Path:
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def run_target(args: argparse.Namespace, kind: str) -> tuple[FedConfig | None, Path]:
-    """``(config, run folder)`` of a run command; the config is ``None`` for ``--resume``
-    (the run folder's own config applies)."""
-    if args.resume:
-        if args.config or args.set or args.experiment:
-            raise FedlensError("--resume continues a run with its saved config; drop --config/--experiment/--set")
-        return None, Path(args.resume)
-    return resolve_config(args), Path(args.out or default_out(kind))
-
+__all__ = ["main", "build_parser"]
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .runner import simulate
+    from fedlens.simulations.runner import simulate
 
     cfg, out = run_target(args, "simulate")
     summary = simulate(FedConfig(), out, resume=True) if cfg is None else simulate(cfg, out)
@@ -66,7 +29,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_centralized(args: argparse.Namespace) -> int:
-    from .runner import centralized
+    from fedlens.simulations.runner import centralized
 
     cfg = resolve_config(args)
     out = args.out or default_out("centralized")
@@ -85,7 +48,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_privacy_show(args: argparse.Namespace) -> int:
     import json
 
-    from shared.privacy import PrivacyLedger
+    from fedlens.shared.privacy import PrivacyLedger
 
     ledger = PrivacyLedger(args.state_dir)
     if not ledger.path.is_file():
@@ -102,7 +65,7 @@ def _cmd_privacy_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from shared.explain import DEFAULT_METHODS, ExplainOptions, explain
+    from fedlens.shared.explain import DEFAULT_METHODS, ExplainOptions, explain
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else DEFAULT_METHODS
     if args.per_class < 1:
@@ -116,28 +79,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print(f"  {name:<22} faithfulness {t['faithfulness']:+.3f}  randomisation rho {t['randomisation_rank_correlation']:.2f}{flag}")
     print(f"report: {Path(args.out).resolve() / 'report.html'}  ({report['seconds']:.0f}s)")
     return 0
-
-
-def print_result(summary: dict[str, object], out: str | Path) -> None:
-    acc, f1 = summary.get("final_accuracy"), summary.get("final_macro_f1")
-    accuracy = f"final accuracy {acc:.4f}  macro-F1 {f1:.4f}" if acc is not None else "no round completed"
-    print(f"{accuracy}  ({summary['rounds']} rounds, {summary['wall_seconds']:.0f}s)")
-    privacy = summary.get("privacy")
-    if isinstance(privacy, dict):
-        if privacy.get("private"):
-            eps = privacy.get("max_site_epsilon")
-            print(f"private: DP-SGD at every site, max site epsilon {eps:.3f} at delta {privacy['sample_level']['delta']:g}")
-        else:
-            print(f"NOT PRIVATE: {privacy.get('reason')}")
-        if "central" in privacy:
-            c = privacy["central"]
-            print(f"central DP ({c['mode']} clipping): epsilon {c['epsilon']:.3f} of {c['budget_epsilon']:g} at delta {c['delta']:g}")
-    if summary.get("stopped_early"):
-        print(f"stopped early: {summary['stopped_early']}")
-    print(f"artifacts: {Path(out).resolve()}")
-    report = Path(out) / "report" / "report.html"
-    if report.is_file():
-        print(f"explainability report: {report.resolve()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=_cmd_privacy_show)
 
-    from shared.explain.methods import method_names
+    from fedlens.shared.explain.methods import method_names
 
     p = sub.add_parser("explain", help="explainability report (Captum) of a model on labelled images",
                        description="Write a self-contained HTML report (and report.json): model card, performance, "
@@ -189,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_explain)
 
-    from client.cli import add_commands as add_client_commands
-    from server.cli import add_commands as add_server_commands
+    from .server_cli import add_commands as add_server_commands
+    from .site_cli import add_commands as add_client_commands
 
     add_server_commands(sub)
     add_client_commands(sub)

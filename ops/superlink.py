@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.io import atomic_write_json
+from fedlens.shared.io import atomic_write_json
 
 from .certs import CertError, CertPaths, check_site_name
-from .control import Connection, ControlError, flower_bin, flower_env
+from .control import Connection, ControlError
+from .procs import flower_bin, flower_env
 
 __all__ = ["ServerSettings", "superlink_command", "start_server", "add_site", "remove_site", "list_sites", "server_connection"]
 

@@ -7,6 +7,11 @@ import json
 import logging
 from pathlib import Path
 
+from fedlens.shared.errors import FedlensError
+from fedlens.shared.rundir import RunDir
+
+from .cli_common import add_config_args, print_result, run_target
+
 __all__ = ["add_commands"]
 
 _log = logging.getLogger("fedlens.server")
@@ -68,9 +73,6 @@ def _cmd_server_sites(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from shared.errors import FedlensError
-    from shared.rundir import RunDir
-    from simulations.cli import print_result, run_target
 
     from .control import Connection
     from .launch import launch
@@ -90,8 +92,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register the server host's commands on the ``fedlens`` parser."""
-    from simulations.cli import add_config_args
-
     p = sub.add_parser("certs", help="create the federation's CA, server certificate and site keys",
                        description="Certificates and keys for a federation (TLS + site authentication).")  # fmt: skip
     certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")

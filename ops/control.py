@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared.errors import FedlensError
+from fedlens.shared.errors import FedlensError
 
-__all__ = ["Connection", "ControlError", "flower_env", "flower_bin"]
+from .procs import flower_bin, flower_env
+
+__all__ = ["Connection", "ControlError"]
 
 _log = logging.getLogger("fedlens.server.control")
 
@@ -28,32 +28,6 @@ CONNECTION = "fedlens"
 
 class ControlError(FedlensError):
     """The SuperLink could not be reached or refused a request."""
-
-
-def flower_bin(name: str) -> str:
-    """Path of a Flower executable installed next to this Python (the same environment)."""
-    path = Path(sys.executable).parent / name
-    if not path.is_file():
-        raise ControlError(f"{name} not found next to {sys.executable}; install fedlens with `pip install -e .` in this environment")
-    return str(path)
-
-
-def flower_env(**extra: str) -> dict[str, str]:
-    """Environment for Flower processes: no telemetry, no update check, no runtime installs.
-
-    The environment's ``bin`` goes first on ``PATH`` because the SuperLink and
-    SuperNode start ``flower-superexec`` and the app processes by name.
-    """
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from shared.config import FedConfig
-from shared.errors import ConfigError
+from ..config import FedConfig
+from ..errors import ConfigError
 
 __all__ = ["partition", "class_counts", "PARTITIONERS", "MIN_SITE_IMAGES"]
 

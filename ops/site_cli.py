@@ -12,7 +12,7 @@ _log = logging.getLogger("fedlens.client")
 
 
 def _cmd_client_start(args: argparse.Namespace) -> int:
-    from shared.errors import FedlensError
+    from fedlens.shared.errors import FedlensError
 
     from .supernode import INSECURE_BANNER, SiteSettings, check_server, check_site, run_supernode
 

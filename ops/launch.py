@@ -12,18 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from shared.config import RUN_DIR_KEY, FedConfig
-from shared.errors import FedlensError
-from shared.rundir import RunDir
+from fedlens.shared.config import RUN_DIR_KEY, FedConfig
+from fedlens.shared.errors import FedlensError
+from fedlens.shared.rundir import RunDir
 
 from .control import Connection, ControlError
+from .fab import write_app
 
-__all__ = ["RunFailed", "launch", "app_dir"]
+__all__ = ["RunFailed", "launch"]
 
 _log = logging.getLogger("fedlens.server.run")
 
@@ -33,14 +35,6 @@ _QUIET = re.compile(r"(configure_|aggregate_|└──>|├──|│|Received \
 
 class RunFailed(FedlensError):
     """The run ended without finishing all its rounds."""
-
-
-def app_dir() -> Path:
-    """The fedlens project folder (what ``flwr run`` packages and ships)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise FedlensError(f"fedlens run needs the fedlens source tree (pyproject.toml next to {root}); install it with `pip install -e .`")
-    return root
 
 
 def _run_config_file(cfg: FedConfig, run_dir: Path) -> Path:
@@ -67,10 +61,7 @@ def launch(
         When the ServerApp failed, or the server did not come back in time.
     """
     run_dir = run_dir.resolve()
-    app = app_dir()
-    if run_dir.is_relative_to(app) and not run_dir.is_relative_to(app / "runs"):
-        _log.warning("%s is inside the fedlens folder but not under runs/: Flower packs every such .json/.toml "
-                     "file into the app it sends to the sites; keep run folders under runs/ or outside", run_dir)  # fmt: skip
+    app = write_app(Path(tempfile.mkdtemp(prefix="fedlens-app-")))
     config_file = _run_config_file(cfg, run_dir)
     try:
         for attempt in range(max_restarts + 1):
@@ -92,6 +83,7 @@ def launch(
         raise RunFailed(f"the run did not finish after {max_restarts} restart(s); continue it with `fedlens run --resume {run_dir}`")
     finally:
         config_file.unlink(missing_ok=True)
+        shutil.rmtree(app, ignore_errors=True)
 
 
 def _follow(conn: Connection, flower_run: str, echo: Callable[[str], None], reconnect_timeout: float) -> str:

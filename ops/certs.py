@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import FedlensError
+from fedlens.shared.errors import FedlensError
 
 __all__ = ["CertError", "CertPaths", "init_ca", "add_site", "issue_server_cert", "site_key_paths", "parse_server_names"]
 
