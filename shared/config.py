@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 __all__ = [
     "FedConfig", "load_config", "parse_overrides", "parse_site_budgets", "config_keys",
-    "check_epsilon_delta", "policy_parts", "augment_names", "AUGMENTS",
+    "check_epsilon_delta", "policy_parts", "augment_names", "AUGMENTS", "DEFAULT_DELTA",
 ]  # fmt: skip
 
 DATASETS = ("fashion-mnist", "folder", "npz")
@@ -34,6 +34,9 @@ ACCOUNTANTS = ("rdp", "prv")
 CENTRAL_DP = ("off", "server", "client")
 AUGMENTS = ("flip", "crop", "color")
 _POLICY = re.compile(r"head|full|last-([1-9][0-9]*)")
+# 1e-5: well below 1/n for sites of a few thousand images (a delta >= 1/n would allow
+# leaking whole records). The default of runs and of sites alike.
+DEFAULT_DELTA = 1e-5
 # Flower run-config keys that wire the app (where to write) rather than configure ML:
 # `out-dir` is the parent of per-Flower-run folders (`flwr run`), `run-dir` one exact
 # run folder (`fedlens run`, which can resume it after a server restart).
@@ -106,7 +109,7 @@ class FedConfig:
     # --- privacy: sample-level DP-SGD at every site ------------------------------
     dp: bool = _opt(True, "train with DP-SGD at every site (false = NOT private, said loudly)")
     target_epsilon: float = _opt(8.0, "epsilon each site spends over the whole run (noise is calibrated once for all rounds)")
-    delta: float = _opt(1e-5, "delta of the (epsilon, delta) guarantee; keep it well below 1/(images per site)")
+    delta: float = _opt(DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee; keep it well below 1/(images per site)")
     max_grad_norm: float = _opt(1.0, "per-example gradient clipping bound C of DP-SGD")
     accountant: str = _opt("rdp", "privacy accountant", ACCOUNTANTS)
     dp_mode: str = _opt("auto", "per-example gradient method: auto picks book-keeping when the trainable part allows it, else hooks", DP_MODES)
