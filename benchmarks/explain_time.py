@@ -20,6 +20,8 @@ from _common import result, setup_logging
 
 from fedlens.shared.explain import ExplainOptions, explain
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
