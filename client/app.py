@@ -21,9 +21,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedlens.shared.checkpoint import read_checkpoint_meta, save_checkpoint
 from fedlens.shared.config import FedConfig
 from fedlens.shared.errors import FedlensError
-from fedlens.shared.privacy import DPRequest, PrivacyLedger, RoundPlan, SiteRefusal, plan_round
+from fedlens.shared.privacy import DPSGD, DPRequest, SiteRefusal, SiteUpdate
 from fedlens.shared.privacy.budget import allows_evaluation, allows_non_private
-from fedlens.shared.privacy.outbox import UpdateOutbox, state_digest
 from fedlens.shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
 from fedlens.shared.task import site_seed
 
@@ -69,11 +68,11 @@ FAULT_ENV = "FEDLENS_INJECT_FAULT"
 
 def _site_update(
     site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, node_config: dict[str, object], state_root: Path | None, flower_run: int
-) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
-    """One round of local training: the site's budget decision, DP-SGD, the ledger.
+) -> SiteUpdate:
+    """One round of local training; under DP the site's :class:`SitePrivacy` owns the round.
 
-    Under DP the site's ledger is locked from the budget check to the ledger entry,
-    so two runs sharing a site cannot both pass the check and overspend together.
+    It re-sends a re-asked round, decides against the site's budget before training,
+    and records the round in the ledger (under its lock) before the update leaves.
     """
     if site.name in os.environ.get(FAULT_ENV, "").split(","):
         raise RuntimeError(f"injected fault at {site.name} ({FAULT_ENV})")
@@ -86,26 +85,18 @@ def _site_update(
                 f"{site.name} refuses to train without differential privacy (the run has dp = false); "
                 "only a site started with allow-non-private=true joins non-private runs"
             )
-        return _train_locally(site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, plan=None, ledger=None)
-    budget, ledger = site_privacy(site, node_config, state_root=state_root)
-    with ledger.lock():
-        outbox, digest = UpdateOutbox(ledger.state_dir), state_digest(state)
-        sent = outbox.get(run_id=run_id, round=rnd, digest=digest)
-        if sent is not None:  # the server lost our reply: re-send it, at no new privacy cost
-            _log.info("%s: round %d was already trained from this model; re-sending that update", site.name, rnd)
-            return sent
-        # Decide before training: a refused round spends nothing.
-        plan = plan_round(ledger, budget, DPRequest.from_config(cfg, run_id), num_examples=len(site.train), site=site.name)
-        update, num_examples, metrics = _train_locally(
-            site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, plan=plan, ledger=ledger
-        )
-        outbox.put(run_id=run_id, round=rnd, digest=digest, state=update, num_examples=num_examples, metrics=metrics)
-        return update, num_examples, metrics
+        return _train_locally(site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, dp=None)
+
+    def train(dp: DPSGD) -> SiteUpdate:
+        return _train_locally(site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, dp=dp)
+
+    privacy = site_privacy(site, node_config, state_root=state_root)
+    return privacy.run_round(request=DPRequest.from_config(cfg, run_id), round=rnd, global_state=state, num_examples=len(site.train), train=train)
 
 
 def _train_locally(
-    site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, node_config: Mapping[str, object], rnd: int, run_id: str, plan: RoundPlan | None, ledger: PrivacyLedger | None
-) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+    site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, node_config: Mapping[str, object], rnd: int, run_id: str, dp: DPSGD | None
+) -> SiteUpdate:
     cfg = site.task.cfg
     site.task.load_trainable(state)
     _keep_global_model(site, node_config, run_id=run_id, round=rnd - 1)
@@ -115,32 +106,18 @@ def _train_locally(
         seed=site_seed(cfg.seed, rnd, site.name),
         lr=site.task.round_lr(rnd),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-        dp=plan.dp if plan else None,
+        dp=dp,
         # DP noise comes from the site's own entropy unless the run asks to be repeatable
         # (then it is reported as not private: the server could rebuild the noise).
         dp_seed=site_seed(cfg.seed, rnd, site.name) + 7919 if cfg.dp_reproducible else None,
     )
     _log.info("%s round %d: train loss %.4f, accuracy %.4f, %d steps", site.name, rnd, stats.loss, stats.accuracy, stats.steps)
-    metrics: dict[str, float] = {"dp": float(plan is not None), UNIT_WEIGHT: 1.0}
-    if plan is None or ledger is None:
+    metrics: dict[str, float] = {"dp": float(dp is not None), UNIT_WEIGHT: 1.0}
+    if dp is None:
         # Loss, accuracy and timing of training are exact statistics of the training
         # images, not covered by DP-SGD: a private site keeps them to itself (it logs them).
+        # A private round's accounting is added by SitePrivacy once it is recorded.
         metrics.update({"train-loss": stats.loss, "train-accuracy": stats.accuracy, "train-seconds": stats.seconds})
-        return site.task.trainable_state(), stats.num_examples, metrics
-    # The ledger is on disk before the update leaves the site.
-    entry = ledger.record(
-        run_id=run_id, round=rnd, noise_multiplier=plan.dp.noise_multiplier, sample_rate=plan.dp.sample_rate,
-        steps=plan.steps, delta=plan.delta, accountant=plan.accountant,
-    )  # fmt: skip
-    metrics.update(
-        {
-            "epsilon": entry.epsilon,
-            "delta": entry.delta,
-            "noise-multiplier": entry.noise_multiplier,
-            "sample-rate": entry.sample_rate,
-            "dp-steps": float(ledger.steps(run_id)),
-        }
-    )
     return site.task.trainable_state(), stats.num_examples, metrics
 
 

@@ -19,7 +19,7 @@ import torch
 
 from fedlens.shared.config import FedConfig, parse_site_budgets
 from fedlens.shared.errors import ConfigError
-from fedlens.shared.privacy import PrivacyLedger, SiteBudget
+from fedlens.shared.privacy import PrivacyLedger, SiteBudget, SitePrivacy
 from fedlens.shared.data import ImageSet, load_dataset, load_image_folder
 from fedlens.shared.task import LocalData, Task, local_split
 
@@ -102,8 +102,8 @@ def _is_simulated(node_config: dict[str, object]) -> bool:
     return "partition-id" in node_config and not any(k in node_config for k in own)
 
 
-def site_privacy(site: Site, node_config: dict[str, object], *, state_root: Path | None) -> tuple[SiteBudget, PrivacyLedger]:
-    """The site's own budget and its ledger.
+def site_privacy(site: Site, node_config: dict[str, object], *, state_root: Path | None) -> SitePrivacy:
+    """The site's privacy: its own budget and its ledger, which together run its private rounds.
 
     A deployed site reads both from its node config (``max-epsilon``, ``delta``,
     ``allow-non-private``, ``state-dir``): the server's run config cannot change
@@ -128,4 +128,4 @@ def site_privacy(site: Site, node_config: dict[str, object], *, state_root: Path
             f"{site.name} has no state directory for its privacy ledger: set `state-dir` in its node config "
             "(the ledger must outlive the process, or spent epsilon would be forgotten)"
         )
-    return budget, PrivacyLedger(Path(str(state)))
+    return SitePrivacy(budget, PrivacyLedger(Path(str(state))), site=site.name)

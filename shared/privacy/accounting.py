@@ -11,12 +11,10 @@ from __future__ import annotations
 import warnings
 from typing import Iterable
 
-from ..config import check_epsilon_delta
+from ..config import ACCOUNTANTS, check_epsilon_delta
 from ..errors import ConfigError
 
 __all__ = ["ACCOUNTANTS", "calibrate_noise", "check_privacy_params", "compact_history", "epsilon_of"]
-
-ACCOUNTANTS = ("rdp", "prv")
 
 History = Iterable[tuple[float, float, int]]
 
@@ -47,12 +45,25 @@ def check_privacy_params(*, epsilon: float, delta: float, dataset_size: int | No
     return warnings
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """Noise multiplier so that ``steps`` steps at ``sample_rate`` spend ``target_epsilon``.
 
     Calibrate once for the whole planned run (rounds x local steps) and keep the
     multiplier fixed: the run then ends just inside the target.
+
+    Parameters
+    ----------
+    target_epsilon, delta : float
+        The guarantee the whole run may spend.
+    sample_rate : float
+        Poisson sampling probability per step.
+    steps : int
+        DP-SGD steps of the whole planned run.
+    accountant : str
+        One of :data:`ACCOUNTANTS`; the run must be accounted with the same one.
     """
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample rate must be in (0, 1], got {sample_rate}")
     if steps < 1:
@@ -87,8 +98,18 @@ def compact_history(history: History) -> list[tuple[float, float, int]]:
     return [(sigma, q, n) for (sigma, q), n in merged.items()]
 
 
-def epsilon_of(history: History, *, delta: float, accountant: str = "rdp") -> float:
-    """Cumulative epsilon of a training history (0 for an empty one)."""
+def epsilon_of(history: History, *, delta: float, accountant: str) -> float:
+    """Cumulative epsilon of a training history (0 for an empty one).
+
+    Parameters
+    ----------
+    history : iterable of (noise_multiplier, sample_rate, steps)
+        Every stretch of DP-SGD the run has done.
+    delta : float
+        The delta the epsilon is stated at.
+    accountant : str
+        One of :data:`ACCOUNTANTS` (no default: a run is accounted with the one it was calibrated with).
+    """
     if accountant not in ACCOUNTANTS:
         raise ConfigError(f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
     steps = compact_history(history)

@@ -17,8 +17,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..config import DEFAULT_DELTA
 from ..errors import ConfigError, FedlensError
-from .accounting import calibrate_noise, check_privacy_params, epsilon_of
+from .accounting import ACCOUNTANTS, calibrate_noise, check_privacy_params, epsilon_of
 from .dpsgd import DPSGD, sample_rate_for, steps_per_epoch
 from .ledger import LedgerEntry, PrivacyLedger
 
@@ -48,12 +49,15 @@ class SiteBudget:
         Most epsilon this site's data may spend, over all runs in its ledger.
     delta : float
         Largest delta the site accepts; runs are accounted at ``min(requested, delta)``.
+        Default :data:`~shared.config.DEFAULT_DELTA`, the same as a run's default
+        ``delta``: a deliberate default, stricter than 1/n for any site large enough
+        to train under DP.
     allow_non_private : bool
-        Whether the site trains at all when a run asks for ``dp = false``.
+        Whether the site trains at all when a run asks for ``dp = false`` (default: no).
     """
 
     max_epsilon: float
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     allow_non_private: bool = False
 
     def __post_init__(self) -> None:
@@ -62,6 +66,9 @@ class SiteBudget:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteBudget":
         """Read ``max-epsilon``, ``delta`` and ``allow-non-private`` from a site's node config.
+
+        ``delta`` defaults to :data:`~shared.config.DEFAULT_DELTA`; ``max-epsilon`` has
+        no default.
 
         Raises
         ------
@@ -76,7 +83,7 @@ class SiteBudget:
         try:
             return cls(
                 max_epsilon=float(node_config["max-epsilon"]),
-                delta=float(node_config.get("delta", 1e-5)),
+                delta=float(node_config.get("delta", DEFAULT_DELTA)),
                 allow_non_private=allows_non_private(node_config),
             )
         except ValueError as exc:
@@ -93,9 +100,14 @@ def allows_evaluation(node_config: Mapping[str, Any]) -> bool:
     return str(node_config.get("allow-evaluation", "false")).strip().lower() in ("1", "true", "yes")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DPRequest:
-    """The DP parameters a run asks every site to use."""
+    """The DP parameters a run asks every site to use.
+
+    Every privacy parameter is a required keyword (the accountant and the RNG too):
+    build it from the run's config with :meth:`from_config`. Only ``mode``, which
+    changes speed and not the guarantee, has a default.
+    """
 
     run_id: str
     target_epsilon: float
@@ -104,9 +116,13 @@ class DPRequest:
     num_rounds: int
     local_epochs: int
     batch_size: int
-    accountant: str = "rdp"
+    accountant: str
+    secure_rng: bool
     mode: str = "auto"
-    secure_rng: bool = False
+
+    def __post_init__(self) -> None:
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"unknown accountant {self.accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
 
     @classmethod
     def from_config(cls, cfg: Any, run_id: str) -> "DPRequest":
@@ -133,7 +149,7 @@ class RoundPlan:
     steps: int
     delta: float
     accountant: str
-    epsilon_after: float
+    epsilon_after: float  # the run's cumulative epsilon once this round is trained: what the ledger records
     budget_left: float  # the cap for this run, for messages
 
 
@@ -147,6 +163,28 @@ def spent_by_run(entries: list[LedgerEntry]) -> dict[str, float]:
 
 def plan_round(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, *, num_examples: int, site: str = "site") -> RoundPlan:
     """Decide whether one more round of ``request`` fits in ``budget``.
+
+    The plan holds the round's epsilon (computed here, once); it is only valid
+    while ``ledger`` does not change, so plan, train and record under
+    ``ledger.lock()``. :meth:`~.site.SitePrivacy.run_round` does exactly that.
+
+    Parameters
+    ----------
+    ledger : PrivacyLedger
+        The site's ledger: earlier runs' spending and this run's history.
+    budget : SiteBudget
+        What the site allows.
+    request : DPRequest
+        What the run asks for.
+    num_examples : int
+        Training images at the site (sets the sample rate).
+    site : str
+        The site's name, for messages.
+
+    Returns
+    -------
+    RoundPlan
+        The mechanism for the round and its accounting.
 
     Raises
     ------

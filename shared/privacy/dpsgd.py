@@ -202,7 +202,7 @@ class _OpacusStepper:
             self._inner.to(memory_format=torch.channels_last)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DPSGD:
     """One DP-SGD mechanism, fixed for a whole run.
 
@@ -216,18 +216,20 @@ class DPSGD:
         Poisson sampling probability of each image at each step.
     expected_batch_size : int
         Divides the noisy clipped sum (``sample_rate x images``).
-    mode : str
-        ``auto``, ``book-keeping``, ``hooks`` or ``functorch``.
     secure_rng : bool
-        Use a cryptographically secure generator for sampling and noise.
+        Use a cryptographically secure generator for sampling and noise (no default:
+        the insecure choice is made explicitly, and logged).
+    mode : str
+        ``auto`` (default: the fastest exact method), ``book-keeping``, ``hooks`` or
+        ``functorch``; all give the same guarantee.
     """
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
     expected_batch_size: int
+    secure_rng: bool
     mode: str = "auto"
-    secure_rng: bool = False
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier >= 0 or not self.max_grad_norm > 0 or not 0 < self.sample_rate < 1:

@@ -3,6 +3,11 @@
 The ledger is the site's own record. It is written atomically (temporary file,
 fsync, rename) *before* the round's update leaves the site, so a crash or kill at
 any point can lose at most an update that was never sent — never spent epsilon.
+
+The ledger stores what it is told: the epsilon of an entry is the one
+:func:`~.budget.plan_round` computed for the round from this ledger's history
+(under :meth:`PrivacyLedger.lock`), so each round's epsilon is computed once.
+:class:`~.site.SitePrivacy` is the one place that plans and records a round.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from typing import Any, Iterator
 
 from ..errors import FedlensError
 from ..io import atomic_write_json
-from .accounting import epsilon_of
 
 __all__ = ["LedgerEntry", "PrivacyLedger", "LEDGER_FILE"]
 
@@ -85,22 +89,45 @@ class PrivacyLedger:
         runs = [e for e in self.entries() if e.run_id == run_id]
         return runs[-1].epsilon if runs else 0.0
 
-    def record(self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> LedgerEntry:
-        """Append one round, with the run's cumulative epsilon recomputed from its whole history.
+    def record(
+        self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str, epsilon: float
+    ) -> LedgerEntry:
+        """Append one trained round.
 
         A round trained twice (a server that resumed and re-ran it) is recorded
         twice: the site really spent it twice.
+
+        Parameters
+        ----------
+        run_id, round
+            Which round of which run.
+        noise_multiplier, sample_rate, steps, delta, accountant
+            The mechanism the round ran and how it is accounted.
+        epsilon : float
+            The run's cumulative epsilon after this round, as planned from this ledger's
+            history (:attr:`~.budget.RoundPlan.epsilon_after`), under :meth:`lock`.
+
+        Raises
+        ------
+        FedlensError
+            When ``epsilon`` is below what the run has already spent: the plan was made
+            from a stale history (outside :meth:`lock`); nothing is recorded then.
         """
         entries = self.entries()
-        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.run_id == run_id]
-        history.append((noise_multiplier, sample_rate, steps))
+        before = [e.epsilon for e in entries if e.run_id == run_id]
+        if before and epsilon < before[-1] * (1 - 1e-9):
+            raise FedlensError(
+                f"refusing to record round {round} of run {run_id!r} at epsilon {epsilon:.4f}: the ledger {self.path} "
+                f"already records {before[-1]:.4f} for that run. The round was planned from an older history; "
+                "plan and record under PrivacyLedger.lock() (SitePrivacy.run_round does)."
+            )
         entry = LedgerEntry(
             run_id=run_id,
             round=round,
             noise_multiplier=noise_multiplier,
             sample_rate=sample_rate,
             steps=steps,
-            epsilon=epsilon_of(history, delta=delta, accountant=accountant),
+            epsilon=float(epsilon),
             delta=delta,
             accountant=accountant,
             time=time.time(),

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from fedlens.shared.config import DEFAULT_DELTA
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.privacy import BudgetExceeded, DPRequest, PrivacyLedger, SiteBudget, epsilon_of, plan_round
 
@@ -13,7 +14,8 @@ N = 3200  # images at the site: q = 64 / 3200, 50 steps per round
 
 
 def _request(run_id: str = "run-a", **kw) -> DPRequest:
-    base = dict(run_id=run_id, target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, num_rounds=5, local_epochs=1, batch_size=64)
+    base = dict(run_id=run_id, target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, num_rounds=5, local_epochs=1, batch_size=64,
+                accountant="rdp", secure_rng=False)  # fmt: skip
     return DPRequest(**{**base, **kw})
 
 
@@ -23,9 +25,10 @@ def _run_rounds(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, r
         plan = plan_round(ledger, budget, request, num_examples=N)
         entry = ledger.record(
             run_id=request.run_id, round=rnd, noise_multiplier=plan.dp.noise_multiplier,
-            sample_rate=plan.dp.sample_rate, steps=plan.steps, delta=plan.delta, accountant=plan.accountant,
+            sample_rate=plan.dp.sample_rate, steps=plan.steps, delta=plan.delta, accountant=plan.accountant, epsilon=plan.epsilon_after,
         )  # fmt: skip
-        assert entry.epsilon == pytest.approx(plan.epsilon_after)
+        # The plan's epsilon is the run's whole history composed, as an independent recomputation gives it.
+        assert entry.epsilon == pytest.approx(epsilon_of(ledger.history(request.run_id), delta=plan.delta, accountant=plan.accountant), rel=1e-9)
         spent.append(entry.epsilon)
     return spent
 
@@ -64,7 +67,8 @@ def test_budget_spans_runs(tmp_path):
     second = _run_rounds(ledger, budget, _request("run-b"), range(1, 6))[-1]
     assert first + second <= 4.0 + 1e-9  # run-b was calibrated to what run-a left
     # A run recorded under an earlier, larger budget: the site is now over its maximum.
-    ledger.record(run_id="run-old", round=1, noise_multiplier=0.5, sample_rate=0.02, steps=500, delta=1e-5)
+    old = epsilon_of([(0.5, 0.02, 500)], delta=1e-5, accountant="rdp")
+    ledger.record(run_id="run-old", round=1, noise_multiplier=0.5, sample_rate=0.02, steps=500, delta=1e-5, accountant="rdp", epsilon=old)
     with pytest.raises(BudgetExceeded, match="used up"):
         plan_round(ledger, budget, _request("run-c"), num_examples=N)
 
@@ -77,7 +81,7 @@ def test_node_config_budget_is_required_and_checked():
     with pytest.raises(ConfigError, match="epsilon"):
         SiteBudget.from_node_config({"max-epsilon": 0})
     budget = SiteBudget.from_node_config({"max-epsilon": "2.5", "allow-non-private": "true"})
-    assert budget == SiteBudget(max_epsilon=2.5, delta=1e-5, allow_non_private=True)
+    assert budget == SiteBudget(max_epsilon=2.5, delta=DEFAULT_DELTA, allow_non_private=True)  # the documented default delta
 
 
 def test_weak_delta_and_tiny_sites_are_warned_about(tmp_path, caplog):
@@ -92,4 +96,4 @@ def test_reported_epsilon_can_be_recomputed_from_the_ledger(tmp_path):
     _run_rounds(ledger, SiteBudget(max_epsilon=3.0), _request(), range(1, 6))
     e = ledger.entries()[-1]
     total = [(e.noise_multiplier, e.sample_rate, ledger.steps("run-a"))]
-    assert epsilon_of(total, delta=e.delta) == pytest.approx(e.epsilon, rel=1e-9)
+    assert epsilon_of(total, delta=e.delta, accountant=e.accountant) == pytest.approx(e.epsilon, rel=1e-9)

@@ -37,7 +37,7 @@ def _train(task: Task, data: LocalData, dp: DPSGD | None, seed: int = 3, dp_seed
 
 
 def _dp(mode: str, noise: float = 0.0, clip: float = 1e6) -> DPSGD:
-    return DPSGD(noise_multiplier=noise, max_grad_norm=clip, sample_rate=16 / 96, expected_batch_size=16, mode=mode)
+    return DPSGD(noise_multiplier=noise, max_grad_norm=clip, sample_rate=16 / 96, expected_batch_size=16, mode=mode, secure_rng=False)
 
 
 def test_book_keeping_and_opacus_hooks_train_identically(task):
@@ -107,7 +107,7 @@ def test_opacus_hooks_on_a_depthwise_policy_match_per_example_autograd(task):
     for i in range(4):
         loss = torch.nn.functional.cross_entropy(head(x[i : i + 1]), y[i : i + 1], reduction="sum")
         brute.append(torch.autograd.grad(loss, params))
-    dp = DPSGD(noise_multiplier=0.0, max_grad_norm=1e9, sample_rate=0.5, expected_batch_size=2, mode="hooks")
+    dp = DPSGD(noise_multiplier=0.0, max_grad_norm=1e9, sample_rate=0.5, expected_batch_size=2, mode="hooks", secure_rng=False)
     stepper = dp.stepper(head, torch.optim.SGD(params, lr=0.0), torch.Generator().manual_seed(0))
     try:
         loss = torch.nn.functional.cross_entropy(head(x.contiguous()), y, reduction="none")
@@ -121,6 +121,6 @@ def test_opacus_hooks_on_a_depthwise_policy_match_per_example_autograd(task):
 
 def test_an_empty_poisson_batch_is_a_noise_only_step(task):
     tiny = _features(task, n=20)
-    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01, expected_batch_size=1, mode="hooks")
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01, expected_batch_size=1, mode="hooks", secure_rng=False)
     stats = task.train(tiny, epochs=1, seed=0, dp=dp, dp_seed=5)  # q = 0.01 over 20 images: mostly empty batches
     assert stats.steps == 100

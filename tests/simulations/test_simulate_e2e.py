@@ -156,7 +156,7 @@ def test_cli_reports_bad_config_without_starting(tmp_path):
 def test_privacy_show_prints_the_ledger(tmp_path):
     from fedlens.shared.privacy import PrivacyLedger
 
-    PrivacyLedger(tmp_path).record(run_id="run-7", round=1, noise_multiplier=1.2, sample_rate=0.02, steps=50, delta=1e-5)
+    PrivacyLedger(tmp_path).record(run_id="run-7", round=1, noise_multiplier=1.2, sample_rate=0.02, steps=50, delta=1e-5, accountant="rdp", epsilon=0.5)
     proc = _fedlens("privacy", "show", str(tmp_path), "--json")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
