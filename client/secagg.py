@@ -28,15 +28,11 @@ from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_para
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
-from fedlens.shared.protocol import SITE_RECORD
+from fedlens.shared.protocol import PARAM_NAMES_KEY, SITE_RECORD
 
-__all__ = ["is_secagg_message", "handle_secagg", "PARAM_NAMES_KEY"]
+__all__ = ["is_secagg_message", "handle_secagg"]
 
 _log = logging.getLogger("fedlens.client.secagg")
-
-# Train-config key with the parameter names (legacy Parameters carry none).
-# Must equal ``server.secagg.PARAM_NAMES_KEY`` (a test checks it).
-PARAM_NAMES_KEY = "secagg-param-names"
 
 TrainFn = Callable[[dict[str, torch.Tensor], dict[str, object]], tuple[dict[str, torch.Tensor], int, dict[str, float], str]]
 

@@ -11,6 +11,7 @@ from fedlens.shared.errors import FedlensError
 from fedlens.shared.rundir import RunDir
 
 from .cli_common import add_config_args, print_result, run_target
+from .superlink import DEFAULT_PORT
 
 __all__ = ["add_commands"]
 
@@ -114,7 +115,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     q.add_argument("--certs", type=Path, help="certificate folder from `fedlens certs init`")
     q.add_argument("--state-dir", type=Path, required=True, help="persistent server state (database, site registry)")
     q.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    q.add_argument("--port", type=int, default=9092, help="port for sites and `fedlens run` (default 9092)")
+    q.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for sites and `fedlens run` (default %(default)s)")
     q.add_argument("--insecure", action="store_true", help="plaintext, no site authentication: closed test networks only")
     q.set_defaults(func=_cmd_server_start)
     for name, helptext, func in (("add-site", "register a site's public key", _cmd_server_add_site),

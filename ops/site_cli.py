@@ -6,6 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from fedlens.shared.config import DEFAULT_DELTA
+
+from .supernode import DEFAULT_APP_PORT
+
 __all__ = ["add_commands"]
 
 _log = logging.getLogger("fedlens.client")
@@ -50,10 +54,10 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     q.add_argument("--state-dir", type=Path, required=True, help="this site's persistent state (privacy ledger)")
     q.add_argument("--name", help="site name (default: the key file's name)")
     q.add_argument("--max-epsilon", type=float, default=8.0, help="this site's total privacy budget across all runs (default 8)")
-    q.add_argument("--delta", type=float, default=1e-5, help="this site's delta (the stricter of this and the run's wins)")
+    q.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="this site's delta (the stricter of this and the run's wins)")
     q.add_argument("--allow-evaluation", action="store_true", help="release accuracy on the site's held-out images (not covered by DP)")
     q.add_argument("--allow-non-private", action="store_true", help="join runs without DP-SGD (off: such runs are refused)")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present")
-    q.add_argument("--port", type=int, default=9094, help="local port of the site's app runtime (default 9094; unique per site on one host)")
+    q.add_argument("--port", type=int, default=DEFAULT_APP_PORT, help="local port of the site's app runtime (default %(default)s; unique per site on one host)")
     q.add_argument("--insecure", action="store_true", help="plaintext, no authentication: closed test networks only")
     q.set_defaults(func=_cmd_client_start)

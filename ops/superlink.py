@@ -30,13 +30,14 @@ from .certs import CertError, CertPaths, check_site_name
 from .control import Connection, ControlError
 from .procs import flower_bin, flower_env
 
-__all__ = ["ServerSettings", "superlink_command", "start_server", "add_site", "remove_site", "list_sites", "server_connection"]
+__all__ = ["DEFAULT_PORT", "ServerSettings", "superlink_command", "start_server", "add_site", "remove_site", "list_sites", "server_connection"]
 
 _log = logging.getLogger("fedlens.server")
 
 SERVER_FILE = "server.json"
 SITES_FILE = "sites.json"
 DATABASE = "superlink.db"
+# The port sites and `fedlens run` dial (Flower's own Fleet API default, 9092).
 DEFAULT_PORT = 9092
 
 

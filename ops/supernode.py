@@ -22,13 +22,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlens.shared.config import DEFAULT_DELTA
 from fedlens.shared.errors import FedlensError
 
 from .procs import flower_bin, flower_env
 
-__all__ = ["SiteSettings", "ConnectError", "check_server", "node_config", "supernode_command", "run_supernode"]
+__all__ = ["DEFAULT_APP_PORT", "SiteSettings", "ConnectError", "check_server", "node_config", "supernode_command", "run_supernode"]
 
 _log = logging.getLogger("fedlens.client")
+
+# Local port of the SuperNode's Runtime HTTP API (`flower-supernode --port`; Flower's
+# default, 9094). Only two sites on one host need different ones.
+DEFAULT_APP_PORT = 9094
 
 
 class ConnectError(FedlensError):
@@ -46,11 +51,11 @@ class SiteSettings:
     ca: Path | None = None  # None = plaintext (insecure)
     key: Path | None = None
     max_epsilon: float = 8.0
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     allow_evaluation: bool = False
     allow_non_private: bool = False
     device: str = "auto"
-    port: int = 9094  # local port of the SuperNode's app runtime API
+    port: int = DEFAULT_APP_PORT
 
 
 def _split(address: str) -> tuple[str, int]:

@@ -13,26 +13,32 @@ import fcntl
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.strategy import Strategy
 
 from fedlens.shared.averaging import ModelAverage
 from fedlens.shared.checkpoint import load_checkpoint
 from fedlens.shared.config import RUN_DIR_KEY, FedConfig
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.data import load_dataset
+from fedlens.shared.metrics import ClassificationReport
 from fedlens.shared.protocol import ROUND_OFFSET, RUN_ID
 from fedlens.shared.rundir import RunDir
-from fedlens.shared.task import Task
+from fedlens.shared.task import LocalData, Task
 
 from .central_dp import central_summary
 from .guard import AllSitesFailed, RoundReport, RunStopped, SiteGuard, is_refusal, last_line
 from .sites import wait_for_sites
 from .strategies import build_strategy
+
+if TYPE_CHECKING:  # the legacy SecAgg+ module is imported only when a run uses it
+    from .secagg import EvaluateFn
 
 __all__ = ["app", "build_server_app", "serve", "privacy_summary", "AllSitesFailed"]
 
@@ -44,6 +50,15 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
 
     Parameters
     ----------
+    grid : Grid
+        The ServerApp's grid.
+    cfg : FedConfig
+        The run's configuration.
+    run : RunDir
+        The run folder; rounds it already completed are not run again.
+    started : float, optional
+        ``time.monotonic()`` when the run (including data preparation) began;
+        now when None.
     expect_sites : int, default 0
         Wait (up to a minute) for this many sites to connect before the first
         round. A local simulation registers its sites while the server starts;
@@ -60,81 +75,162 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
         When a round produced no usable update.
     """
     started = time.monotonic() if started is None else started
-    random.seed(cfg.seed)  # Flower samples sites with the `random` module
     done = run.completed_rounds()
-    previous_wall = run.records()[-1]["elapsed_s"] if done else 0.0
+    wall = _WallClock(started, previous=run.records()[-1]["elapsed_s"] if done else 0.0)
     _train_pool, test = load_dataset(cfg)
     task = Task(cfg, test.num_classes)
     averager = ModelAverage(cfg.ema_decay) if cfg.ema_decay else None
     if done:
-        ckpt = load_checkpoint(run.path)
-        task.model.load_state_dict(ckpt.state)
-        if averager:  # the checkpoint holds the average; training continues from the plain aggregate
-            if ckpt.training_state is None:
-                raise ConfigError(
-                    f"{run.path / 'model.safetensors'} has no training state to resume an `ema-decay` run from "
-                    "(it was not written by this run's server); start a new run folder"
-                )
-            averager.restore(task.trainable_state())
-            task.load_trainable(ckpt.training_state)
-        _log.info("resuming after round %d of %d", done, cfg.num_rounds)
+        _resume(run, task, averager, done=done, num_rounds=cfg.num_rounds)
     initial = task.trainable_state()
     test_data = task.prepare(test, for_training=False)
     strategy = build_strategy(cfg, rounds_done=done)
     guard = SiteGuard(strategy)
+    recorder = _RoundRecorder(
+        cfg, run, task, test_data, classes=test.classes, guard=guard, averager=averager, rounds_done=done, wall=wall
+    )
     if expect_sites:
         _await_sites(grid, expect_sites, wait_s=_SITE_WAIT_S)
+    stopped = _run_rounds(grid, cfg, run, guard, initial, recorder.evaluate, rounds_done=done)
+    return _finish(cfg, run, task, strategy, stopped=stopped, wall=wall.seconds())
 
-    def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+
+@dataclass(frozen=True)
+class _WallClock:
+    """Wall time of the whole run: this process's share plus what earlier (resumed-from) processes spent."""
+
+    started: float  # time.monotonic() when this process's part began
+    previous: float = 0.0  # seconds recorded by the last completed round before this process
+
+    def seconds(self) -> float:
+        return self.previous + time.monotonic() - self.started
+
+
+def _resume(run: RunDir, task: Task, averager: ModelAverage | None, *, done: int, num_rounds: int) -> None:
+    """Load the run's checkpoint into ``task`` (and ``averager``) to continue after round ``done``.
+
+    Raises
+    ------
+    ConfigError
+        When an ``ema-decay`` run's checkpoint has no training state to continue from.
+    """
+    ckpt = load_checkpoint(run.path)
+    task.model.load_state_dict(ckpt.state)
+    if averager:  # the checkpoint holds the average; training continues from the plain aggregate
+        if ckpt.training_state is None:
+            raise ConfigError(
+                f"{run.path / 'model.safetensors'} has no training state to resume an `ema-decay` run from "
+                "(it was not written by this run's server); start a new run folder"
+            )
+        averager.restore(task.trainable_state())
+        task.load_trainable(ckpt.training_state)
+    _log.info("resuming after round %d of %d", done, num_rounds)
+
+
+class _RoundRecorder:
+    """What happens after each aggregation: evaluate, record, checkpoint, one progress line.
+
+    :meth:`evaluate` is the strategy's ``evaluate_fn``; the strategy calls it with
+    rounds numbered from 1 in this process, the recorder numbers them across resumes.
+    """
+
+    def __init__(
+        self,
+        cfg: FedConfig,
+        run: RunDir,
+        task: Task,
+        test_data: LocalData,
+        *,
+        classes: tuple[str, ...],
+        guard: SiteGuard,
+        averager: ModelAverage | None,
+        rounds_done: int,
+        wall: _WallClock,
+    ) -> None:
+        self.cfg, self.run, self.task, self.test_data, self.classes = cfg, run, task, test_data, classes
+        self.guard, self.averager, self.rounds_done, self.wall = guard, averager, rounds_done, wall
+
+    def evaluate(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate, record and checkpoint the aggregate of ``local_round`` (0: the initial model, skipped)."""
         if local_round == 0:
             return None
-        rnd = done + local_round
+        rnd = self.rounds_done + local_round
         aggregate = arrays.to_torch_state_dict()
+        report, unaveraged = self._evaluate(aggregate)
+        elapsed = self.wall.seconds()
+        record = self._record(rnd, report, unaveraged, elapsed)
+        self.run.record_round(record)
+        training_state = aggregate if self.averager else None
+        self.run.save_model(self.task.model.state_dict(), cfg=self.cfg, classes=self.classes, round=rnd, training_state=training_state)
+        self._log_progress(record, report, unaveraged, elapsed)
+        return MetricRecord(report.scalars())
+
+    def _evaluate(self, aggregate: dict[str, Any]) -> tuple[ClassificationReport, ClassificationReport | None]:
+        """The test-set report of the model to keep, and (with EMA) of the round's own aggregate."""
         unaveraged = None
-        if averager:
-            task.load_trainable(aggregate)
-            unaveraged = task.evaluate(test_data)
-            task.load_trainable(averager.update(aggregate))
+        if self.averager:
+            self.task.load_trainable(aggregate)
+            unaveraged = self.task.evaluate(self.test_data)
+            self.task.load_trainable(self.averager.update(aggregate))
         else:
-            task.load_trainable(aggregate)
-        report = task.evaluate(test_data)
-        report_round = guard.current
-        failures = guard.round_failures()
-        elapsed = previous_wall + time.monotonic() - started
-        epsilons = {site: m["epsilon"] for site, m in report_round.train.items() if "epsilon" in m}
-        central = central_summary(strategy, cfg)
+            self.task.load_trainable(aggregate)
+        return self.task.evaluate(self.test_data), unaveraged
+
+    def _record(
+        self, rnd: int, report: ClassificationReport, unaveraged: ClassificationReport | None, elapsed: float
+    ) -> dict[str, Any]:
+        """The round's line in ``metrics.jsonl``."""
+        sites = self.guard.current
+        failures = self.guard.round_failures()
+        epsilons = {site: m["epsilon"] for site, m in sites.train.items() if "epsilon" in m}
+        central = central_summary(self.guard.inner, self.cfg)
         record = {
             "round": rnd,
             "elapsed_s": round(elapsed, 2),
             "server": report.to_dict(),
-            "federated_eval": report_round.evaluate_aggregate,
-            "train": report_round.train_aggregate,
-            "sites_train": report_round.train,
-            "sites_eval": report_round.evaluate,
+            "federated_eval": sites.evaluate_aggregate,
+            "train": sites.train_aggregate,
+            "sites_train": sites.train,
+            "sites_eval": sites.evaluate,
             "failures": failures,
             "privacy": {"site_epsilon": epsilons, **({"central_epsilon": central["epsilon"]} if central else {})},
         }
         if unaveraged:  # "server" is the average over rounds; this is the round's own aggregate
             record["server_unaveraged"] = {"accuracy": unaveraged.accuracy, "loss": unaveraged.loss}
-        run.record_round(record)
-        run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=rnd, training_state=aggregate if averager else None)
-        ok = len(report_round.train)
-        sampled = ok + sum(1 for v in failures.values() if v.startswith("train"))
+        return record
+
+    def _log_progress(
+        self, record: dict[str, Any], report: ClassificationReport, unaveraged: ClassificationReport | None, elapsed: float
+    ) -> None:
+        ok = len(record["sites_train"])
+        sampled = ok + sum(1 for v in record["failures"].values() if v.startswith("train"))
+        epsilons = record["privacy"]["site_epsilon"]
         privacy = f"  max site ε {max(epsilons.values()):.2f}" if epsilons else "  NOT private"
-        if central:
-            privacy += f"  central ε {central['epsilon']:.2f}"
+        if "central_epsilon" in record["privacy"]:
+            privacy += f"  central ε {record['privacy']['central_epsilon']:.2f}"
         averaged = f" (EMA; round's own {unaveraged.accuracy:.4f})" if unaveraged else ""
         _log.info(
             "round %d/%d  accuracy %.4f%s  macro-F1 %.4f  loss %.4f  sites %d/%d ok%s  %.0fs",
-            rnd, cfg.num_rounds, report.accuracy, averaged, report.macro_f1, report.loss, ok, sampled, privacy, elapsed,
+            record["round"], self.cfg.num_rounds, report.accuracy, averaged, report.macro_f1, report.loss, ok, sampled, privacy, elapsed,
         )  # fmt: skip
-        return MetricRecord(report.scalars())
 
-    remaining = cfg.num_rounds - done
-    stopped = None
-    if remaining > 0:
-        offset = {ROUND_OFFSET: done, RUN_ID: run.run_id}
-        try:
+
+def _run_rounds(
+    grid: Grid, cfg: FedConfig, run: RunDir, guard: SiteGuard, initial: dict[str, Any], evaluate_fn: EvaluateFn, *, rounds_done: int
+) -> str | None:
+    """Train the rounds still to do; the reason the run stopped early, or None.
+
+    Raises
+    ------
+    AllSitesFailed
+        When a round produced no usable update.
+    """
+    remaining = cfg.num_rounds - rounds_done
+    if remaining <= 0:
+        return None
+    offset = {ROUND_OFFSET: rounds_done, RUN_ID: run.run_id}
+    try:
+        with _seeded_site_sampling(cfg.seed):
             if cfg.secagg:
                 _run_secagg(grid, cfg, guard, initial, offset, remaining, evaluate_fn)
             else:
@@ -147,11 +243,39 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
                     evaluate_config=ConfigRecord(dict(offset)),
                     evaluate_fn=evaluate_fn,
                 )
-        except (RunStopped, PrivacyBudgetExhausted) as exc:
-            stopped = str(exc) if isinstance(exc, RunStopped) else f"central privacy budget: {exc}"
-            _log.warning("run stopped early: %s", stopped)
+    except (RunStopped, PrivacyBudgetExhausted) as exc:
+        stopped = str(exc) if isinstance(exc, RunStopped) else f"central privacy budget: {exc}"
+        _log.warning("run stopped early: %s", stopped)
+        return stopped
+    return None
+
+
+@contextlib.contextmanager
+def _seeded_site_sampling(seed: int) -> Iterator[None]:
+    """Seed Python's global ``random`` generator for the round loop; restore the caller's state after.
+
+    Flower 1.42 draws sites from the module-level generator and takes no seed or
+    generator of its own: ``random.sample`` in ``sample_nodes``
+    (``flwr.serverapp.strategy.strategy_utils``) for the Message-API strategies,
+    ``random.sample`` in the legacy ``SimpleClientManager`` and ``random.shuffle``
+    of the neighbour ring in ``SecAggPlusWorkflow`` for SecAgg+. Seeding that
+    generator is the only way to make a run's site sampling follow ``seed``; this
+    confines it to the rounds and gives the rest of the process its own state back.
+    Anything else drawing from ``random`` in this process while the rounds run
+    shifts the sequence, as before.
+    """
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved)
+
+
+def _finish(cfg: FedConfig, run: RunDir, task: Task, strategy: Strategy, *, stopped: str | None, wall: float) -> dict[str, Any]:
+    """Write the run summary (results, traffic, privacy) and mark the run finished."""
     records = run.records()
-    summary = _summary(cfg, task, records, wall=previous_wall + time.monotonic() - started)
+    summary = _summary(cfg, task, records, wall=wall)
     summary["privacy"] = privacy_summary(cfg, records, central=central_summary(strategy, cfg))
     summary["private"] = summary["privacy"]["private"]
     if stopped:
@@ -171,16 +295,11 @@ def _await_sites(grid: Grid, expected: int, *, wait_s: float) -> None:
         _log.warning("only %d of %d sites connected after %.0f s; starting with them", connected, expected, wait_s)
 
 
-# SecAgg+ scales each site's values by num_examples / max_weight before clipping them
-# to +/- secagg-clip-range: 10,000 keeps sites of up to that many images unscaled-up.
-SECAGG_MAX_WEIGHT = 10_000.0
-
-
 def _run_secagg(
-    grid: Grid, cfg: FedConfig, guard: SiteGuard, initial: dict[str, Any], config: dict[str, Any], rounds: int, evaluate_fn: Any
+    grid: Grid, cfg: FedConfig, guard: SiteGuard, initial: dict[str, Any], config: dict[str, Any], rounds: int, evaluate_fn: EvaluateFn
 ) -> None:
     """FedAvg through SecAgg+ (legacy path, behind server.secagg); outcomes go to ``guard``."""
-    from .secagg import run_secagg_rounds
+    from .secagg import MAX_WEIGHT, run_secagg_rounds
 
     def on_round(_rnd: int, metrics: dict[str, dict[str, float]], failures: dict[int, str]) -> None:
         guard.current = RoundReport()
@@ -198,7 +317,7 @@ def _run_secagg(
             num_shares=cfg.secagg_shares,
             reconstruction_threshold=cfg.secagg_threshold,
             clipping_range=cfg.secagg_clip_range,
-            max_weight=SECAGG_MAX_WEIGHT,
+            max_weight=MAX_WEIGHT,
             min_sites=cfg.min_sites,
             timeout=cfg.round_timeout,
         )

@@ -38,20 +38,20 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedlens.shared.protocol import NUM_EXAMPLES, SITE_RECORD
+from fedlens.shared.protocol import NUM_EXAMPLES, PARAM_NAMES_KEY, SITE_RECORD
 
 from .sites import wait_for_sites
 
-__all__ = ["run_secagg_rounds", "PARAM_NAMES_KEY"]
+__all__ = ["run_secagg_rounds", "MAX_WEIGHT"]
 
 _log = logging.getLogger("fedlens.server.secagg")
 
-# Train-config key carrying the parameter names: legacy ``Parameters`` are a bare
-# list of arrays. Must equal ``client.secagg.PARAM_NAMES_KEY`` (a test checks it).
-PARAM_NAMES_KEY = "secagg-param-names"
-# Flower's SecAgg+ weight cap (its default): a site's contribution is scaled by
-# num_examples / max_weight before clipping to [-clipping_range, clipping_range].
-MAX_WEIGHT = 1000.0
+# SecAgg+ weight cap: a site's values are scaled by num_examples / max_weight, then
+# clipped to [-clipping_range, clipping_range]. 10,000 (not Flower's 1,000) keeps the
+# scale at most 1 for sites of up to 10,000 images, so their updates are never scaled
+# *up* towards the clipping range; the weight total still fits the modulus for about
+# 10 million images (2**32 / quantization_range * max_weight, default quantization_range).
+MAX_WEIGHT = 10_000.0
 # Flower's default mask modulus. Sums travel modulo this, so both the summed
 # quantised values (sites x quantization_range) and the summed quantised weights
 # must stay below it, or the aggregate wraps around without any error.
@@ -221,7 +221,7 @@ def run_secagg_rounds(
         quantisation (the site refuses rather than clip silently).
     quantization_range : int, default 2**22
         Quantisation levels over ``[-clipping_range, clipping_range]``.
-    max_weight : float, default 1000
+    max_weight : float, default MAX_WEIGHT (10,000)
         A site's values are scaled by ``num_examples / max_weight`` before clipping;
         pick it near the largest site so values stay inside the clipping range.
     min_sites : int, default 2
@@ -245,11 +245,27 @@ def run_secagg_rounds(
         complete a round (too many sites failed); the message lists the reasons.
     """
     _check_arguments(initial_arrays, num_rounds, train_config, min_sites)
-    names = list(initial_arrays.keys())
-    dtypes = [initial_arrays[n].numpy().dtype for n in names]
-    current = [initial_arrays[n].numpy() for n in names]
+    rounds = _SecAggRounds(
+        grid,
+        initial_arrays,
+        train_config,
+        num_shares=num_shares,
+        reconstruction_threshold=reconstruction_threshold,
+        clipping_range=clipping_range,
+        quantization_range=quantization_range,
+        max_weight=max_weight,
+        min_sites=min_sites,
+        timeout=timeout,
+    )
+    arrays = initial_arrays
+    for rnd in range(1, num_rounds + 1):
+        arrays = rounds.aggregate(rnd, num_rounds)
+        _report_round(rnd, num_rounds, rounds.observed.round, arrays, evaluate_fn, on_round)
+    return arrays
 
-    observed = _ObservedGrid(grid)
+
+def _legacy_context(grid: Grid, train_config: dict[str, ConfigValue], names: list[str], min_sites: int) -> LegacyContext:
+    """The legacy FedAvg (every connected site trains; the names ride along) in a ``LegacyContext``."""
     strategy = FedAvg(
         fraction_fit=1.0,
         fraction_evaluate=0.0,
@@ -260,57 +276,114 @@ def run_secagg_rounds(
         fit_metrics_aggregation_fn=lambda _metrics: {},
     )
     base = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    context = LegacyContext(base, strategy=strategy, client_manager=SimpleClientManager())
-    workflow = SecAggPlusWorkflow(
-        num_shares,
-        reconstruction_threshold,
-        max_weight=max_weight,
-        modulus_range=MODULUS,
-        clipping_range=clipping_range,
-        quantization_range=quantization_range,
-        timeout=timeout,
-    )
-    started = time.monotonic()
-    arrays = initial_arrays
-    for rnd in range(1, num_rounds + 1):
-        sites = _register_sites(observed, context.client_manager, min_sites, timeout or _CONNECT_WAIT_S)
-        if sites * quantization_range >= MODULUS:
+    return LegacyContext(base, strategy=strategy, client_manager=SimpleClientManager())
+
+
+class _SecAggRounds:
+    """One SecAgg+ run's legacy objects and current model; :meth:`aggregate` runs one round.
+
+    The model travels between rounds as a list of arrays in the order of ``names``
+    (legacy ``Parameters``), and comes back with the dtypes of ``initial_arrays``.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        train_config: dict[str, ConfigValue],
+        *,
+        num_shares: int,
+        reconstruction_threshold: int,
+        clipping_range: float,
+        quantization_range: int,
+        max_weight: float,
+        min_sites: int,
+        timeout: float | None,
+    ) -> None:
+        self.names = list(initial_arrays.keys())
+        self.dtypes = [initial_arrays[n].numpy().dtype for n in self.names]
+        self.current = [initial_arrays[n].numpy() for n in self.names]
+        self.observed = _ObservedGrid(grid)
+        self.context = _legacy_context(grid, train_config, self.names, min_sites)
+        self.workflow = SecAggPlusWorkflow(
+            num_shares,
+            reconstruction_threshold,
+            max_weight=max_weight,
+            modulus_range=MODULUS,
+            clipping_range=clipping_range,
+            quantization_range=quantization_range,
+            timeout=timeout,
+        )
+        self.reconstruction_threshold = reconstruction_threshold
+        self.quantization_range = quantization_range
+        self.max_weight = max_weight
+        self.min_sites = min_sites
+        self.connect_wait_s = timeout or _CONNECT_WAIT_S
+        self.started = time.monotonic()
+
+    def aggregate(self, rnd: int, num_rounds: int) -> ArrayRecord:
+        """Run round ``rnd``: register the connected sites, securely sum their updates, return the average.
+
+        Raises
+        ------
+        RuntimeError
+            Too few sites, a sum that would overflow the modulus, or a round SecAgg+ halted or failed.
+        """
+        sites = _register_sites(self.observed, self.context.client_manager, self.min_sites, self.connect_wait_s)
+        self._check_value_total(rnd, sites)
+        _log.info("round %d/%d: secure aggregation over %d sites", rnd, num_rounds, sites)
+        after = self._secure_sum(rnd, sites)
+        self._check_weight_total(rnd)
+        aggregated = parameters_to_ndarrays(compat.arrayrecord_to_parameters(after, keep_input=True))
+        self.current = [np.ascontiguousarray(a, dtype=d) for a, d in zip(aggregated, self.dtypes, strict=True)]
+        return ArrayRecord({n: torch.from_numpy(a) for n, a in zip(self.names, self.current, strict=True)})
+
+    def _check_value_total(self, rnd: int, sites: int) -> None:
+        if sites * self.quantization_range >= MODULUS:
             raise RuntimeError(
-                f"round {rnd}: {sites} sites x quantization_range {quantization_range} would overflow the "
+                f"round {rnd}: {sites} sites x quantization_range {self.quantization_range} would overflow the "
                 f"SecAgg+ modulus 2**32; lower quantization_range below {MODULUS // sites}"
             )
-        _log.info("round %d/%d: secure aggregation over %d sites", rnd, num_rounds, sites)
-        before = compat.parameters_to_arrayrecord(ndarrays_to_parameters(current), keep_input=True)
-        context.state.array_records[MAIN_PARAMS_RECORD] = before
-        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-            {WorkflowKey.CURRENT_ROUND: rnd, WorkflowKey.START_TIME: started}
+
+    def _secure_sum(self, rnd: int, sites: int) -> ArrayRecord:
+        """Run the SecAgg+ workflow on the current model; the aggregate it leaves in the context."""
+        before = compat.parameters_to_arrayrecord(ndarrays_to_parameters(self.current), keep_input=True)
+        self.context.state.array_records[MAIN_PARAMS_RECORD] = before
+        self.context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: rnd, WorkflowKey.START_TIME: self.started}
         )
-        observed.round = _RoundLog()
+        self.observed.round = _RoundLog()
         try:
-            workflow(observed, context)
+            self.workflow(self.observed, self.context)
         except Exception as exc:  # the protocol's own checks (e.g. tampered shares)
-            raise RuntimeError(f"round {rnd}: SecAgg+ failed: {exc} ({_failure_text(observed.round.failures)})") from exc
-        after = context.state.array_records[MAIN_PARAMS_RECORD]
+            raise RuntimeError(f"round {rnd}: SecAgg+ failed: {exc} ({_failure_text(self.observed.round.failures)})") from exc
+        after = self.context.state.array_records[MAIN_PARAMS_RECORD]
         if after is before:  # the workflow halts without raising and leaves the model as it was
             raise RuntimeError(
                 f"round {rnd}: SecAgg+ halted: too few sites completed the protocol "
-                f"({len(observed.round.metrics)} of {sites} sent masked updates; a site needs "
-                f"{reconstruction_threshold} live neighbours). Failures: {_failure_text(observed.round.failures)}"
+                f"({len(self.observed.round.metrics)} of {sites} sent masked updates; a site needs "
+                f"{self.reconstruction_threshold} live neighbours). Failures: {_failure_text(self.observed.round.failures)}"
             )
-        weight_levels = sum(round(m[NUM_EXAMPLES] / max_weight * quantization_range) for m in observed.round.metrics.values())
+        return after
+
+    def _check_weight_total(self, rnd: int) -> None:
+        examples = [m[NUM_EXAMPLES] for m in self.observed.round.metrics.values()]
+        weight_levels = sum(round(n / self.max_weight * self.quantization_range) for n in examples)
         if weight_levels >= MODULUS:
             raise RuntimeError(
-                f"round {rnd}: the sites' examples ({sum(m[NUM_EXAMPLES] for m in observed.round.metrics.values()):.0f}) "
-                f"overflow SecAgg+'s weight total (limit {MODULUS / quantization_range * max_weight:.0f} with "
-                f"quantization_range {quantization_range}); the aggregate is invalid"
+                f"round {rnd}: the sites' examples ({sum(examples):.0f}) overflow SecAgg+'s weight total "
+                f"(limit {MODULUS / self.quantization_range * self.max_weight:.0f} with "
+                f"quantization_range {self.quantization_range}); the aggregate is invalid"
             )
-        aggregated = parameters_to_ndarrays(compat.arrayrecord_to_parameters(after, keep_input=True))
-        current = [np.ascontiguousarray(a, dtype=d) for a, d in zip(aggregated, dtypes, strict=True)]
-        arrays = ArrayRecord({n: torch.from_numpy(a) for n, a in zip(names, current, strict=True)})
-        for node, reason in observed.round.failures.items():
-            _log.warning("round %d: node %d failed: %s", rnd, node, reason.strip().splitlines()[-1])
-        if on_round is not None:  # before evaluate_fn, which may record the sites' metrics
-            on_round(rnd, dict(observed.round.metrics), dict(observed.round.failures))
-        metrics = evaluate_fn(rnd, arrays)
-        _log.info("round %d/%d done: %d sites aggregated; server metrics %s", rnd, num_rounds, len(observed.round.metrics), dict(metrics or {}))
-    return arrays
+
+
+def _report_round(
+    rnd: int, num_rounds: int, log: _RoundLog, arrays: ArrayRecord, evaluate_fn: EvaluateFn, on_round: OnRound | None
+) -> None:
+    """Log the round's failures, hand its site outcomes to ``on_round``, then evaluate."""
+    for node, reason in log.failures.items():
+        _log.warning("round %d: node %d failed: %s", rnd, node, reason.strip().splitlines()[-1])
+    if on_round is not None:  # before evaluate_fn, which may record the sites' metrics
+        on_round(rnd, dict(log.metrics), dict(log.failures))
+    metrics = evaluate_fn(rnd, arrays)
+    _log.info("round %d/%d done: %d sites aggregated; server metrics %s", rnd, num_rounds, len(log.metrics), dict(metrics or {}))

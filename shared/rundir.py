@@ -28,7 +28,6 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
-PARTITIONS_FILE = "partitions.json"
 STATUS_FILE = "status.json"
 RUN_ID_FILE = "run-id"
 SITES_DIR = "sites"
@@ -68,10 +67,6 @@ class RunDir:
         if not path.is_file():
             atomic_write_text(path, uuid.uuid4().hex + "\n")
         return path.read_text(encoding="utf-8").strip()
-
-    def site_state_dir(self, site: str) -> Path:
-        """Where a *simulated* site keeps its state (privacy ledger)."""
-        return self.path / SITES_DIR / site
 
     def config(self) -> FedConfig:
         """The run's resolved configuration."""

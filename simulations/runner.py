@@ -36,9 +36,20 @@ class SimulationFailed(FedlensError):
     """The federated run stopped before finishing; the message says why."""
 
 
-class _DropDeprecation(logging.Filter):
+# Flower notices dropped from a local simulation's log, by a fragment of their text.
+# Flower 1.42 logs this one on every `run_simulation` call (`warn_deprecated_feature`);
+# `simulate` calls it on purpose and the advice (use `flwr run`) is for Flower app
+# authors, not for a fedlens user. Every other notice, such as a deprecation on the
+# legacy SecAgg+ path, must still show.
+_DROPPED_FLOWER_NOTICES = ("The `run_simulation` function is deprecated",)
+
+
+class _DropRunSimulationNotice(logging.Filter):
+    """Drop Flower's notices listed in ``_DROPPED_FLOWER_NOTICES``; keep every other line."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "deprecated" not in record.getMessage().lower()
+        message = record.getMessage()
+        return not any(notice in message for notice in _DROPPED_FLOWER_NOTICES)
 
 
 def quiet_flower() -> None:
@@ -50,7 +61,8 @@ def quiet_flower() -> None:
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.WARNING)
     for handler in flwr_logger.handlers:
-        handler.addFilter(_DropDeprecation())
+        if not any(isinstance(f, _DropRunSimulationNotice) for f in handler.filters):  # once per handler
+            handler.addFilter(_DropRunSimulationNotice())
 
 
 def _log_partitions(cfg: FedConfig, counts: list[list[int]], classes: tuple[str, ...]) -> None:

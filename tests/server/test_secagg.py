@@ -20,18 +20,16 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from fedlens.client import secagg as client_secagg
 from fedlens.client.secagg import handle_secagg, is_secagg_message
-from fedlens.server import secagg as server_secagg
 from fedlens.server.secagg import run_secagg_rounds
-from fedlens.shared.protocol import SITE_RECORD
+from fedlens.shared.protocol import PARAM_NAMES_KEY, SITE_RECORD
 
 NUM_SITES = 3
 NUM_ROUNDS = 3
 FAILING = (3, 2)  # (round, partition) where the site's update is out of SecAgg+'s range
 CLIP = 8.0
 LEVELS = 4194304  # quantization_range
-MAX_WEIGHT = server_secagg.MAX_WEIGHT
+MAX_WEIGHT = 1000.0  # not the server's cap: with 100-300 examples, weights 0.1-0.3 make round 3's 100.0 clip
 OFFSET = 7  # an arbitrary "round-offset" the sites must see unchanged
 INITIAL = {
     "layer.weight": torch.linspace(-1.0, 1.0, 12).reshape(4, 3),
@@ -145,6 +143,7 @@ def build_apps(log: Recorded) -> tuple[ServerApp, ClientApp]:
             on_round=lambda rnd, metrics, failures: log.rounds.append((rnd, metrics, failures)),
             clipping_range=CLIP,
             quantization_range=LEVELS,
+            max_weight=MAX_WEIGHT,
             min_sites=NUM_SITES,  # the simulation registers its nodes while this starts: wait for all
         )
         log.final = final.to_torch_state_dict()
@@ -232,10 +231,6 @@ def test_each_round_continues_from_the_aggregate_and_reports_every_site(recorded
             assert failures == {}
 
 
-def test_both_sides_agree_on_the_parameter_names_key():
-    assert client_secagg.PARAM_NAMES_KEY == server_secagg.PARAM_NAMES_KEY
-
-
 class OneNodeGrid(Grid):
     """A grid with a single connected node that never receives a message."""
 
@@ -279,5 +274,16 @@ def test_integer_arrays_are_refused_before_anything_is_sent():
             initial_arrays=ArrayRecord({"bn.num_batches_tracked": torch.tensor([3])}),
             num_rounds=1,
             train_config={},
+            evaluate_fn=lambda rnd, arrays: None,
+        )
+
+
+def test_the_parameter_names_key_is_reserved_in_the_train_config():
+    with pytest.raises(ValueError, match=f"reserved key '{PARAM_NAMES_KEY}'"):
+        run_secagg_rounds(
+            OneNodeGrid(),
+            initial_arrays=ArrayRecord(dict(INITIAL)),
+            num_rounds=1,
+            train_config={PARAM_NAMES_KEY: "mine"},
             evaluate_fn=lambda rnd, arrays: None,
         )
