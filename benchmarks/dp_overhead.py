@@ -34,7 +34,7 @@ def _time_policy(cfg, policy: str, steps: int) -> dict[str, object]:
     task = Task(cfg.__class__.from_mapping({"policy": policy}, base=cfg), num_classes=10)
     batch = cfg.batch_size
     images = torch.randint(0, 255, (batch, 1, 28, 28), dtype=torch.uint8)
-    x = task.transform(images, train=False).to(task.device)
+    x = task.transform(images).to(task.device)
     if task.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

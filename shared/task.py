@@ -20,7 +20,6 @@ from torch import nn
 from .config import FedConfig
 from .data import (
     ImageSet,
-    ImageTransform,
     cached_features,
     default_cache_dir,
     feature_cache_path,
@@ -31,6 +30,7 @@ from .privacy.dpsgd import DPSGD, PlainStepper, Stepper
 from .metrics import ClassificationReport, classification_report
 from .models import (
     FedModel,
+    ImageTransform,
     apply_low_rank,
     apply_policy,
     create_model,
@@ -108,6 +108,10 @@ class TrainStats:
 class Task:
     """A :class:`FedModel` under a fine-tune policy, with its preprocessing.
 
+    ``transform`` is the backbone's :class:`ImageTransform` at the config's
+    ``image-size``: training (under ``augment``), evaluation, prediction, the feature
+    cache and explanation all bring images to the model through it.
+
     Parameters
     ----------
     cfg : FedConfig
@@ -140,7 +144,7 @@ class Task:
             # Depthwise convolutions run ~1.5x faster channels-last on CPU.
             self.model.to(memory_format=torch.channels_last)
         self.augment = parse_augment(cfg.augment)
-        self.transform = ImageTransform(image_size=cfg.image_size, preprocessing=spec.preprocessing, augment=self.augment)
+        self.transform: ImageTransform = spec.transforms(image_size=cfg.image_size)
         weights = sha256_of(cfg.weights_path) if cfg.weights_path else "default-weights"
         self.model_id = f"{cfg.backbone}|{weights if cfg.pretrained else f'random-seed-{cfg.seed}'}"
 
@@ -178,9 +182,7 @@ class Task:
         """Whether :meth:`prepare` would compute features rather than read them from the cache."""
         if not self._uses_cache(for_training):
             return False
-        path = feature_cache_path(
-            self._cache_dir, model_id=self.model_id, stop=self.cut, image_size=self.transform.image_size, images=images
-        )
+        path = feature_cache_path(self._cache_dir, model_id=self.model_id, stop=self.cut, transform=self.transform, images=images)
         return not path.is_file()
 
     def _uses_cache(self, for_training: bool) -> bool:
@@ -194,7 +196,7 @@ class Task:
         """Bring a batch to the input of the trainable part."""
         if start == self.cut:
             return x.to(self.device, non_blocking=True)
-        x = self.transform(x, train=train, generator=generator).to(self.device)
+        x = (self.augment.apply(x, transform=self.transform, generator=generator) if train else self.transform(x)).to(self.device)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config import FedConfig
 from ..errors import DataError
+from ..models import get_backbone
 from ._imageset import ImageSet
 from ._sources import load_fashion_mnist, load_image_folder, load_npz
 from .features import default_cache_dir
@@ -47,7 +48,9 @@ def load_dataset(cfg: FedConfig) -> tuple[ImageSet, ImageSet]:
     """Load the configured data set as ``(train_pool, test)``.
 
     For ``folder`` and ``npz`` the test set is a stratified ``test-fraction`` of all
-    images; Fashion-MNIST uses its official 10,000-image test split.
+    images; Fashion-MNIST uses its official 10,000-image test split. Folder images are
+    decoded by the configured backbone's :class:`~shared.models.ImageTransform` at
+    ``image-size``; arrays keep their stored size and meet it per batch.
 
     Raises
     ------
@@ -59,7 +62,8 @@ def load_dataset(cfg: FedConfig) -> tuple[ImageSet, ImageSet]:
         train, test = load_fashion_mnist(cfg.data_path or None, download_root=str(download_root))
     else:
         if cfg.dataset == "folder":
-            pool, _report = load_image_folder(cfg.data_path, image_size=cfg.image_size)
+            transform = get_backbone(cfg.backbone).transforms(image_size=cfg.image_size)
+            pool, _report = load_image_folder(cfg.data_path, transform=transform)
         else:
             pool = load_npz(cfg.data_path)
         if len(pool) < 2:

@@ -36,9 +36,11 @@ class LoadReport:
 class ImageSet:
     """Images as ``uint8 [N, C, H, W]`` (C is 1 or 3) with ``int64 [N]`` labels.
 
-    Images keep their stored size and channel count; resizing, the grey-to-RGB
-    expansion and normalisation happen per batch in :mod:`shared.data.transforms`,
-    so a 28 x 28 grey set costs 28 x 28 bytes an image in memory.
+    Arrays keep their stored size and channel count (folder images are stored at
+    the image size they were decoded to); the resize policy, the grey-to-RGB
+    expansion and normalisation happen per batch in the backbone's
+    :class:`~shared.models.ImageTransform`, so a 28 x 28 grey set costs 28 x 28
+    bytes an image in memory.
     """
 
     images: torch.Tensor

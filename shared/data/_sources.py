@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ._decode import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from ..models import ImageDecodeError, ImageTransform, decode_image
 from ._imageset import ImageSet, LoadReport
 
 __all__ = [
@@ -19,9 +20,12 @@ __all__ = [
     "load_npz",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIRS",
+    "IMAGE_SUFFIXES",
 ]
 
 _log = logging.getLogger(f"fedlens.{__name__}")
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -31,16 +35,41 @@ FASHION_MNIST_CLASSES = (
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
 
-def load_image_folder(root: str | Path, *, image_size: int, name: str | None = None) -> tuple[ImageSet, LoadReport]:
+def load_image_folder(
+    root: str | Path,
+    *,
+    transform: ImageTransform | None = None,
+    image_size: int | None = None,
+    name: str | None = None,
+) -> tuple[ImageSet, LoadReport]:
     """Read an ImageFolder layout: ``root/<class>/<image>``.
 
-    Unreadable, empty and non-image files are skipped and counted in the report.
+    Every file is decoded by ``transform`` (:meth:`ImageTransform.decode`: upright, then
+    shorter side to the image size and centre-cropped), so the set holds the pixels
+    the model will see, before normalisation. Unreadable, empty and non-image files
+    are skipped and counted in the report.
+
+    Parameters
+    ----------
+    root : path-like
+        The folder holding one sub-folder per class.
+    transform : ImageTransform
+        The backbone's preprocessing (``get_backbone(name).transforms(image_size=...)``).
+    image_size : int
+        Instead of ``transform``: the same decoding and resize policy at this size.
+        Decoding does not depend on the backbone (normalisation comes per batch), so
+        both give the same images; pass exactly one of the two.
+    name : str, optional
+        Name of the set (default: the folder's name).
 
     Raises
     ------
     DataError
         If ``root`` is missing, has no class folders, or holds no readable image.
     """
+    if (transform is None) == (image_size is None):
+        raise TypeError("load_image_folder takes exactly one of `transform` and `image_size`")
+    decode = transform.decode if transform is not None else functools.partial(decode_image, size=image_size)
     root = Path(root)
     report = LoadReport(source=str(root))
     if not root.is_dir():
@@ -62,7 +91,7 @@ def load_image_folder(root: str | Path, *, image_size: int, name: str | None = N
                 report.add_error(f"{rel}: not an image file type")
                 continue
             try:
-                arrays.append(decode_image(path, image_size))
+                arrays.append(decode(path))
             except ImageDecodeError as exc:
                 report.add_error(f"{rel}: {exc}")
                 continue

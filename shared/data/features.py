@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_bytes
-from ..models import FedModel
+from ..models import FedModel, ImageTransform
 from ._imageset import ImageSet
-from .transforms import ImageTransform
 
 __all__ = ["compute_features", "cached_features", "default_cache_dir", "feature_cache_path"]
 
@@ -43,7 +42,19 @@ def compute_features(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Run stages ``[:stop]`` of ``model`` over every image (eval mode, no augmentation)."""
+    """Run stages ``[:stop]`` of ``model`` over every image (eval mode, no augmentation).
+
+    Parameters
+    ----------
+    model : FedModel
+        The model whose frozen prefix runs.
+    stop : int
+        Stages ``[:stop]`` run (the fine-tune policy's cut).
+    images : ImageSet
+        Stored ``uint8`` images.
+    transform : ImageTransform
+        The backbone's preprocessing, applied per batch.
+    """
     was_training = model.training
     model.eval()
     outputs = []
@@ -61,9 +72,20 @@ def compute_features(
     return torch.cat(outputs)
 
 
-def feature_cache_path(cache_dir: str | Path, *, model_id: str, stop: int, image_size: int, images: ImageSet) -> Path:
-    """Where :func:`cached_features` keeps the features of ``images`` (the file may not exist yet)."""
-    key = hashlib.sha256(json.dumps([model_id, stop, image_size, images.fingerprint(), 1]).encode()).hexdigest()[:32]
+# Version 2: the key names the whole preprocessing (ImageTransform.key), not just the image size.
+_KEY_VERSION = 2
+
+
+def feature_cache_path(cache_dir: str | Path, *, model_id: str, stop: int, transform: ImageTransform, images: ImageSet) -> Path:
+    """Where :func:`cached_features` keeps the features of ``images`` (the file may not exist yet).
+
+    The key covers the frozen weights (``model_id``), the cut (``stop``), every step of
+    the preprocessing (``transform.key``: resize policy and its version, image size,
+    normalisation) and the images' content, so a change to any of them can never
+    reuse stale features.
+    """
+    parts = [model_id, stop, transform.key, images.fingerprint(), _KEY_VERSION]
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
     return Path(cache_dir) / "features" / f"{key}.pt"
 
 
@@ -88,7 +110,7 @@ def cached_features(
     """
     if cache_dir is None:
         return compute_features(model, stop, images, transform, device=device)
-    path = feature_cache_path(cache_dir, model_id=model_id, stop=stop, image_size=transform.image_size, images=images)
+    path = feature_cache_path(cache_dir, model_id=model_id, stop=stop, transform=transform, images=images)
     if path.is_file():
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)

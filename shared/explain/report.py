@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..config import FedConfig
 from ..data import ImageSet, load_dataset, load_image_folder
 from ..errors import CheckpointError, DataError
 from ..io import atomic_write_json, atomic_write_text
-from ..metrics import classification_report, roc_curve
+from ..metrics import ClassificationReport, classification_report, roc_curve
 from .methods import MethodOptions, attribute, get_method
-from .trust import SANITY_FLAG, deletion_insertion, random_ranking_maps, randomized_copy, rank_correlation
+from .trust import SANITY_FLAG, Faithfulness, deletion_insertion, random_ranking_maps, randomized_copy, rank_correlation
 
 __all__ = ["ExplainOptions", "explain", "load_model"]
 
@@ -35,6 +36,8 @@ DEFAULT_METHODS = ("integrated-gradients", "grad-cam", "occlusion", "saliency")
 
 @dataclass(frozen=True)
 class ExplainOptions:
+    """What a report explains and how; ``seed`` makes it reproducible."""
+
     methods: tuple[str, ...] = DEFAULT_METHODS
     per_class: int = 10  # images shown (and explained) per class
     smoothgrad: int = 0  # SmoothGrad samples for Integrated Gradients (0 = off)
@@ -75,14 +78,15 @@ def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return task, meta
 
 
-def _load_images(data: str | ImageSet, cfg: FedConfig, classes: list[str]) -> ImageSet:
+def _load_images(data: str | ImageSet, task: Any, classes: list[str]) -> ImageSet:
+    """The images to explain, decoded by the model's own preprocessing, with the model's classes."""
     if isinstance(data, ImageSet):
         images = data
     elif data == "fashion-mnist":
-        _train, test = load_dataset(FedConfig.from_mapping({"dataset": "fashion-mnist", "data-path": ""}, base=cfg))
+        _train, test = load_dataset(FedConfig.from_mapping({"dataset": "fashion-mnist", "data-path": ""}, base=task.cfg))
         images = test
     else:
-        images, report = load_image_folder(data, image_size=cfg.image_size)
+        images, report = load_image_folder(data, transform=task.transform)
         if report.skipped:
             _log.warning("%s", report.summary())
     if list(images.classes) != list(classes):
@@ -97,10 +101,34 @@ def _load_images(data: str | ImageSet, cfg: FedConfig, classes: list[str]) -> Im
     return images
 
 
-def _pick(labels: np.ndarray, preds: np.ndarray, per_class: int, seed: int) -> list[int]:
-    """Per class, up to ``per_class`` images: misclassified ones first (up to half, more
-    when there are too few correct ones), then correct ones."""
-    rng = np.random.default_rng(seed)
+@dataclass(frozen=True)
+class _Scores:
+    """The model's answers on every image, and what they add up to."""
+
+    perf: ClassificationReport
+    probs: np.ndarray  # [N, K] softmax
+    labels: np.ndarray  # [N] true class
+    preds: np.ndarray  # [N] predicted class
+    roc: dict[str, dict[str, Any]]  # one-vs-rest ROC of each class with both positives and negatives
+
+
+def _score(task: Any, images: ImageSet, classes: list[str]) -> _Scores:
+    """Step 1: performance on every image (through the feature cache when it applies)."""
+    logits = task.predict(task.prepare(images, for_training=False))
+    perf = classification_report(logits, images.labels, len(classes))
+    probs = torch.softmax(logits.float(), 1).numpy()
+    labels = images.labels.numpy()
+    roc = {}
+    for c, name in enumerate(classes):
+        if 0 < (labels == c).sum() < len(labels):
+            fpr, tpr = roc_curve(probs[:, c], labels == c)
+            roc[name] = {"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist(), "auc": perf.roc_auc[c]}
+    return _Scores(perf, probs, labels, probs.argmax(1), roc)
+
+
+def _pick(labels: np.ndarray, preds: np.ndarray, per_class: int, rng: np.random.Generator) -> list[int]:
+    """Step 2: per class, up to ``per_class`` images: misclassified ones first (up to half,
+    more when there are too few correct ones), then correct ones."""
     chosen: list[int] = []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
@@ -111,8 +139,101 @@ def _pick(labels: np.ndarray, preds: np.ndarray, per_class: int, seed: int) -> l
     return chosen
 
 
+def _method_options(o: ExplainOptions) -> MethodOptions:
+    return MethodOptions(internal_batch_size=o.internal_batch_size, smoothgrad_samples=o.smoothgrad, seed=o.seed)
+
+
+def _attributions(net: nn.Module, x: torch.Tensor, predicted: torch.Tensor, o: ExplainOptions) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Step 3: each method's maps of the predicted class, and the seconds each took."""
+    mo = _method_options(o)
+    maps, seconds = {}, {}
+    for name in o.methods:
+        t0 = time.monotonic()
+        maps[name] = attribute(name, net, x, predicted, mo)
+        seconds[name] = time.monotonic() - t0
+    return maps, seconds
+
+
+@dataclass(frozen=True)
+class _Trust:
+    chance: Faithfulness  # a random ranking: what "no better than chance" scores
+    methods: dict[str, dict[str, Any]]  # per method, as written to the report
+    sanity_images: int  # images used for the model-randomisation check
+
+
+def _trust(net: nn.Module, x: torch.Tensor, predicted: torch.Tensor, maps: dict[str, torch.Tensor], seconds: dict[str, float], o: ExplainOptions) -> _Trust:
+    """Step 4: how far to trust each method: faithfulness against chance, and the
+    model-randomisation check on up to ``sanity_images`` images spread across all classes."""
+    mo = _method_options(o)
+    chance = deletion_insertion(net, x, predicted, random_ranking_maps(tuple(x.shape[:1] + x.shape[2:]), seed=o.seed), seed=o.seed)
+    k = min(o.sanity_images, len(x))
+    spread = torch.as_tensor(np.linspace(0, len(x) - 1, k).round().astype(int))
+    twin = randomized_copy(net, seed=o.seed + 1)
+    trust = {}
+    for name, m in maps.items():
+        t0 = time.monotonic()
+        faith = deletion_insertion(net, x, predicted, m, seed=o.seed)
+        rho = rank_correlation(m[spread], attribute(name, twin, x[spread], predicted[spread], mo))
+        trust[name] = {
+            "deletion_auc": faith.deletion_auc,
+            "insertion_auc": faith.insertion_auc,
+            "faithfulness": faith.score - chance.score,
+            "deletion_curve": faith.deletion_curve,
+            "insertion_curve": faith.insertion_curve,
+            "randomisation_rank_correlation": float(np.mean(rho)) if len(rho) else math.nan,
+            "flagged": bool(len(rho) and np.mean(rho) >= SANITY_FLAG),
+            "seconds": round(seconds[name] + time.monotonic() - t0, 2),  # maps and checks
+        }
+        _log.info("%s: faithfulness %+.3f, randomisation rho %.2f%s (%.1fs)", name, trust[name]["faithfulness"],
+                  trust[name]["randomisation_rank_correlation"], "  FLAGGED" if trust[name]["flagged"] else "", trust[name]["seconds"])  # fmt: skip
+    return _Trust(chance, trust, k)
+
+
+def _assemble(
+    model: str | Path, meta: dict[str, Any], source: str, images: ImageSet, scores: _Scores, chosen: list[int], trust: _Trust, o: ExplainOptions
+) -> dict[str, Any]:
+    """Step 5: the report as one JSON-ready mapping (``seconds`` is filled in when written)."""
+    classes, perf, labels, preds, probs = list(meta["classes"]), scores.perf, scores.labels, scores.preds, scores.probs
+    summary = _run_summary(model)
+    hardest = sorted(range(len(classes)), key=lambda c: perf.f1[c] if not math.isnan(perf.f1[c]) else 2.0)[:3]
+    return {
+        "model": _model_card(model, meta, summary),
+        "data": {"source": source, "images": len(images), "per_class": np.bincount(labels, minlength=len(classes)).tolist()},
+        "performance": {**perf.to_dict(), "classes": classes, "hardest_classes": [classes[c] for c in hardest], "roc": scores.roc},
+        "methods": {n: {"title": get_method(n).title, "summary": get_method(n).summary} for n in o.methods},
+        "trust": {"chance": {"deletion_auc": trust.chance.deletion_auc, "insertion_auc": trust.chance.insertion_auc}, "methods": trust.methods, "sanity_flag_at": SANITY_FLAG},
+        "examples": [
+            {"index": int(i), "label": classes[labels[i]], "predicted": classes[preds[i]], "confidence": float(probs[i, preds[i]]), "correct": bool(labels[i] == preds[i])}
+            for i in chosen
+        ],
+        "settings": {"methods": list(o.methods), "per_class": o.per_class, "smoothgrad_samples": o.smoothgrad, "seed": o.seed,
+                     "sanity_images": trust.sanity_images, "image_size": meta["config"]["image-size"]},  # fmt: skip
+        "seconds": None,
+    }
+
+
+def _write(out: str | Path, report: dict[str, Any], examples: torch.Tensor, maps: dict[str, torch.Tensor], started: float) -> None:
+    """Step 6: ``report.html`` and ``report.json`` into ``out`` (created), each written atomically."""
+    from .render import render_html
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    html = render_html(report, examples, maps)
+    report["seconds"] = round(time.monotonic() - started, 2)
+    atomic_write_text(out / "report.html", html.replace("__SECONDS__", f"{report['seconds']:.0f}"))
+    atomic_write_json(out / "report.json", _finite(report))
+    _log.info("report written to %s (%.0fs)", out / "report.html", report["seconds"])
+
+
 def explain(model: str | Path, data: str | ImageSet, out: str | Path, options: ExplainOptions | None = None) -> dict[str, Any]:
     """Write ``report.html`` and ``report.json`` for ``model`` on ``data`` into ``out``.
+
+    The steps: load the model and the images (decoded by the model's own
+    :class:`~shared.models.ImageTransform`), score every image, pick examples per
+    class, attribute them with each method, measure how far to trust each method,
+    then assemble and write the report. Randomness (the choice of examples, noise,
+    random rankings and weights) comes from generators seeded with ``options.seed``;
+    the global random state is left as it was.
 
     Parameters
     ----------
@@ -123,88 +244,45 @@ def explain(model: str | Path, data: str | ImageSet, out: str | Path, options: E
         or images already loaded (a simulation's test set).
     out : path-like
         Folder for the report (created).
+    options : ExplainOptions, optional
+        Methods, examples per class, SmoothGrad, sanity-check size and seed.
+
+    Returns
+    -------
+    dict
+        The report, as written to ``report.json`` (undefined numbers still NaN).
+
+    Raises
+    ------
+    CheckpointError
+        When ``model`` is not a fedlens safetensors model or does not fit its backbone.
+    DataError
+        When the images cannot be read or their classes are not the model's.
+    ValueError
+        For an unknown method name (before any work).
     """
     o = options or ExplainOptions()
     for name in o.methods:
         get_method(name)  # unknown names fail before any work
     started = time.monotonic()
-    torch.manual_seed(o.seed)
     task, meta = load_model(model)
-    cfg, classes = task.cfg, list(meta["classes"])
-    images = _load_images(data, cfg, classes)
+    classes = list(meta["classes"])
+    images = _load_images(data, task, classes)
     source = data if isinstance(data, str) else f"{images.name} ({len(images)} images)"
     if len(images) == 0:
         raise DataError(f"{source} holds no readable images")
     _log.info("explaining %s on %d images of %s", model, len(images), source)
 
-    # Performance on every image.
-    prepared = task.prepare(images, for_training=False)
-    logits = task.predict(prepared)
-    perf = classification_report(logits, images.labels, len(classes))
-    probs = torch.softmax(logits.float(), 1).numpy()
-    labels = images.labels.numpy()
-    preds = probs.argmax(1)
-    roc = {}
-    for c, name in enumerate(classes):
-        if 0 < (labels == c).sum() < len(labels):
-            fpr, tpr = roc_curve(probs[:, c], labels == c)
-            roc[name] = {"fpr": fpr.round(4).tolist(), "tpr": tpr.round(4).tolist(), "auc": perf.roc_auc[c]}
-
-    # Attributions for the chosen examples, on the plain model (eval mode, CPU).
-    chosen = _pick(labels, preds, o.per_class, o.seed)
-    net = task.model.float().eval()  # channels-last on CPU, as in training: depthwise convs run faster
-    x = task.transform(images.images[chosen], train=False).contiguous(memory_format=torch.channels_last)
-    predicted = torch.as_tensor(preds[chosen])
-    mo = MethodOptions(internal_batch_size=o.internal_batch_size, smoothgrad_samples=o.smoothgrad, seed=o.seed)
-    maps, timings, trust = {}, {}, {}
-    chance = deletion_insertion(net, x, predicted, random_ranking_maps(tuple(x.shape[:1] + x.shape[2:]), seed=o.seed), seed=o.seed)
-    k = min(o.sanity_images, len(chosen))
-    spread = torch.as_tensor(np.linspace(0, len(chosen) - 1, k).round().astype(int))  # across all classes
-    twin = randomized_copy(net, seed=o.seed + 1)
-    for name in o.methods:
-        t0 = time.monotonic()
-        maps[name] = attribute(name, net, x, predicted, mo)  # explains the predicted class
-        timings[name] = time.monotonic() - t0
-        faith = deletion_insertion(net, x, predicted, maps[name], seed=o.seed)
-        rho = rank_correlation(maps[name][spread], attribute(name, twin, x[spread], predicted[spread], mo))
-        trust[name] = {
-            "deletion_auc": faith.deletion_auc,
-            "insertion_auc": faith.insertion_auc,
-            "faithfulness": faith.score - chance.score,
-            "deletion_curve": faith.deletion_curve,
-            "insertion_curve": faith.insertion_curve,
-            "randomisation_rank_correlation": float(np.mean(rho)) if len(rho) else math.nan,
-            "flagged": bool(len(rho) and np.mean(rho) >= SANITY_FLAG),
-            "seconds": round(time.monotonic() - t0, 2),
-        }
-        _log.info("%s: faithfulness %+.3f, randomisation rho %.2f%s (%.1fs)", name, trust[name]["faithfulness"],
-                  trust[name]["randomisation_rank_correlation"], "  FLAGGED" if trust[name]["flagged"] else "", trust[name]["seconds"])  # fmt: skip
-
-    summary = _run_summary(model)
-    hardest = sorted(range(len(classes)), key=lambda c: perf.f1[c] if not math.isnan(perf.f1[c]) else 2.0)[:3]
-    report = {
-        "model": _model_card(model, meta, summary),
-        "data": {"source": source, "images": len(images), "per_class": np.bincount(labels, minlength=len(classes)).tolist()},
-        "performance": {**perf.to_dict(), "classes": classes, "hardest_classes": [classes[c] for c in hardest], "roc": roc},
-        "methods": {n: {"title": get_method(n).title, "summary": get_method(n).summary} for n in o.methods},
-        "trust": {"chance": {"deletion_auc": chance.deletion_auc, "insertion_auc": chance.insertion_auc}, "methods": trust, "sanity_flag_at": SANITY_FLAG},
-        "examples": [
-            {"index": int(i), "label": classes[labels[i]], "predicted": classes[preds[i]], "confidence": float(probs[i, preds[i]]), "correct": bool(labels[i] == preds[i])}
-            for i in chosen
-        ],
-        "settings": {"methods": list(o.methods), "per_class": o.per_class, "smoothgrad_samples": o.smoothgrad, "seed": o.seed,
-                     "sanity_images": k, "image_size": cfg.image_size},  # fmt: skip
-        "seconds": None,
-    }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    from .render import render_html
-
-    html = render_html(report, images.images[chosen], maps)
-    report["seconds"] = round(time.monotonic() - started, 2)
-    atomic_write_text(out / "report.html", html.replace("__SECONDS__", f"{report['seconds']:.0f}"))
-    atomic_write_json(out / "report.json", _finite(report))
-    _log.info("report written to %s (%.0fs)", out / "report.html", report["seconds"])
+    scores = _score(task, images, classes)
+    chosen = _pick(scores.labels, scores.preds, o.per_class, np.random.default_rng(o.seed))
+    # Attributions on the plain model (eval mode, CPU), channels-last as in training: depthwise convs run faster.
+    net = task.model.float().eval()
+    x = task.transform(images.images[chosen]).contiguous(memory_format=torch.channels_last)
+    predicted = torch.as_tensor(scores.preds[chosen])  # maps explain the predicted class
+    maps, seconds = _attributions(net, x, predicted, o)
+    trust = _trust(net, x, predicted, maps, seconds, o)
+    report = _assemble(model, meta, source, images, scores, chosen, trust, o)
+    _write(out, report, images.images[chosen], maps, started)
     return report
 
 

@@ -1,9 +1,11 @@
-"""Backbones, fine-tune policies and the uniform :class:`FedModel` shape."""
+"""Backbones, fine-tune policies, the uniform :class:`FedModel` shape and each backbone's preprocessing."""
 
 from . import _builtin  # noqa: F401  (registers the shipped backbones)
+from ._decode import ImageDecodeError
 from ._lowrank import LowRankConv, apply_low_rank
 from ._policy import FineTunePolicy, apply_policy, load_trainable, parse_policy, train_mode, trainable_state_dict
 from ._registry import BackboneSpec, create_model, get_backbone, list_backbones, register_backbone
+from ._transform import RESIZE_POLICY, ImageTransform, decode_image
 from ._types import FedModel, Preprocessing
 from ._weights import LITE0_SHA256, load_state_dict_file, sha256_of
 
@@ -13,10 +15,14 @@ __all__ = [
     "BackboneSpec",
     "FedModel",
     "FineTunePolicy",
+    "ImageDecodeError",
+    "ImageTransform",
     "LITE0_SHA256",
     "Preprocessing",
+    "RESIZE_POLICY",
     "apply_policy",
     "create_model",
+    "decode_image",
     "get_backbone",
     "list_backbones",
     "load_state_dict_file",

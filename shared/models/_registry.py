@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
+from ._transform import ImageTransform
 from ._types import FedModel, Preprocessing
 
 __all__ = ["BackboneSpec", "register_backbone", "get_backbone", "list_backbones", "create_model"]
@@ -43,6 +44,18 @@ class BackboneSpec:
     build: Callable[[dict[str, torch.Tensor] | None], FedModel]
     fetch_weights: Callable[[str | None], dict[str, torch.Tensor]]
     weights_source: str
+
+    def transforms(self, *, image_size: int | None = None) -> ImageTransform:
+        """The preprocessing object for this backbone, like torchvision's ``weights.transforms()``.
+
+        Parameters
+        ----------
+        image_size : int, optional
+            Side of the square the model sees (the config's ``image-size``); default:
+            the size the weights were trained at.
+        """
+        size = self.preprocessing.input_size if image_size is None else image_size
+        return ImageTransform(image_size=size, preprocessing=self.preprocessing)
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

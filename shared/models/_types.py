@@ -13,7 +13,10 @@ __all__ = ["Preprocessing", "FedModel"]
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How images must look before they enter a backbone.
+    """How images must look before they enter a backbone: what its weights expect.
+
+    This is metadata; the object that applies it is the backbone's
+    :class:`~shared.models.ImageTransform`, from ``BackboneSpec.transforms(image_size=...)``.
 
     Attributes
     ----------

@@ -154,3 +154,18 @@ def test_bad_data_is_refused_or_reported(model_file, image_folder, tmp_path, cap
         report = explain(model_file, str(missing), tmp_path / "r3", ExplainOptions(methods=("saliency",), per_class=1, sanity_images=2))
     assert "gamma" in caplog.text and "no images" in caplog.text
     assert report["data"]["per_class"] == [12, 12, 0]
+
+
+def test_report_is_reproducible_and_leaves_the_global_rng_alone(model_file, image_folder, tmp_path):
+    options = ExplainOptions(methods=("saliency", "integrated-gradients"), per_class=1, sanity_images=2, smoothgrad=2, seed=5)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = explain(model_file, str(image_folder), tmp_path / "a", options)
+    assert torch.equal(torch.rand(3), expected_next), "explain changed the caller's random state"
+    second = explain(model_file, str(image_folder), tmp_path / "b", options)
+    for report in (first, second):
+        report.pop("seconds")
+        for t in report["trust"]["methods"].values():
+            t.pop("seconds")
+    assert first == second

@@ -40,6 +40,20 @@ def test_unknown_backbone_lists_valid_names():
 
 
 @pytest.mark.parametrize("name", BACKBONES)
+def test_every_backbone_hands_out_its_preprocessing(name):
+    spec = get_backbone(name)
+    default = spec.transforms()
+    assert default.image_size == spec.preprocessing.input_size  # the size the weights were trained at
+    small = spec.transforms(image_size=64)
+    assert small.image_size == 64 and small.preprocessing == spec.preprocessing
+    assert small.key != default.key and small.key == spec.transforms(image_size=64).key
+    # Mid-grey in [0, 1] lands where the backbone's mean puts it.
+    out = small(torch.full((1, 3, 40, 80), 128, dtype=torch.uint8))
+    expected = (128 / 255 - torch.tensor(spec.preprocessing.mean)) / torch.tensor(spec.preprocessing.std)
+    assert out.shape == (1, 3, 64, 64) and torch.allclose(out[0, :, 10, 10], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
 def test_every_backbone_builds_and_splits_consistently(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=7, pretrained=False).eval()

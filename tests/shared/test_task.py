@@ -4,6 +4,7 @@ import torch
 
 from fedlens.shared.config import FedConfig
 from fedlens.shared.data import load_image_folder
+from fedlens.shared.models import get_backbone
 from fedlens.shared.task import Task
 
 
@@ -78,3 +79,19 @@ def test_needs_feature_pass_until_the_cache_holds_the_images(image_folder, cache
     task.prepare(images, for_training=True)
     assert not task.needs_feature_pass(images, for_training=True)
     assert not _task(cache_dir, augment="flip").needs_feature_pass(images, for_training=True)  # raw images, no pass
+
+
+def test_the_task_preprocesses_with_its_backbones_transform(cache_dir):
+    task = _task(cache_dir, backbone="efficientnet-lite0")
+    assert task.transform.key == get_backbone("efficientnet-lite0").transforms(image_size=32).key
+
+
+def test_a_changed_preprocessing_never_reuses_cached_features(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    small = _task(cache_dir)
+    small.prepare(images, for_training=False)
+    larger = _task(cache_dir, **{"image-size": 48})  # same weights and images, another resize
+    assert larger.needs_feature_pass(images, for_training=False)
+    feats = larger.prepare(images, for_training=False)
+    assert not torch.equal(feats.inputs, small.prepare(images, for_training=False).inputs)  # shapes or values differ
+    assert len(list((Path(cache_dir) / "features").glob("*.pt"))) == 2
