@@ -9,7 +9,6 @@ local evaluation part, and the frozen part's outputs are cached when exact.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from fedlens.shared.config import FedConfig, parse_site_budgets
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.privacy import PrivacyLedger, SiteBudget, SitePrivacy
 from fedlens.shared.data import ImageSet, load_dataset, load_image_folder
+from fedlens.shared.data.partition import partition
+from fedlens.shared.models import get_backbone
 from fedlens.shared.task import LocalData, Task, local_split
 
 __all__ = ["Site", "load_site", "site_privacy"]
@@ -39,28 +40,24 @@ class Site:
 
 
 @functools.lru_cache(maxsize=2)
-def _pool(cfg_json: str) -> tuple[Task, ImageSet, LocalData]:
+def _pool(cfg: FedConfig) -> tuple[Task, ImageSet, LocalData]:
     # One Task per process and config: the frozen part is the same for every site and
     # the trainable part is overwritten by each message, so sites share it safely.
-    cfg = FedConfig.from_mapping(json.loads(cfg_json))
     train, _test = load_dataset(cfg)
     task = Task(cfg, train.num_classes)
     return task, train, task.prepare(train, for_training=True)
 
 
 @functools.lru_cache(maxsize=64)
-def _partition(cfg_json: str, site: int) -> np.ndarray:
-    from fedlens.shared.data.partition import partition  # only simulated sites partition a pool
-
-    cfg = FedConfig.from_mapping(json.loads(cfg_json))
-    _task, pool, _data = _pool(cfg_json)
+def _partition(cfg: FedConfig, site: int) -> np.ndarray:
+    _task, pool, _data = _pool(cfg)
     return partition(pool.labels.numpy(), cfg)[site]
 
 
 @functools.lru_cache(maxsize=4)
-def _folder(cfg_json: str, data_path: str, name: str) -> tuple[Task, LocalData, np.ndarray, tuple[str, ...]]:
-    cfg = FedConfig.from_mapping(json.loads(cfg_json))
-    images, _report = load_image_folder(data_path, image_size=cfg.image_size, name=name)
+def _folder(cfg: FedConfig, data_path: str, name: str) -> tuple[Task, LocalData, np.ndarray, tuple[str, ...]]:
+    transform = get_backbone(cfg.backbone).transforms(image_size=cfg.image_size)
+    images, _report = load_image_folder(data_path, transform=transform, name=name)
     task = Task(cfg, images.num_classes)
     return task, task.prepare(images, for_training=True), images.labels.numpy(), tuple(images.classes)
 
@@ -75,9 +72,8 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
                 f"Flower runs {total} simulated sites but `num-sites` = {cfg.num_sites}; make them equal "
                 f'(flwr run . local --federation-config "num-supernodes={cfg.num_sites}")'
             )
-        key = cfg.to_json()
-        task, pool, pool_data = _pool(key)
-        idx = _partition(key, site_id)
+        task, pool, pool_data = _pool(cfg)
+        idx = _partition(cfg, site_id)
         data = pool_data.subset(torch.as_tensor(idx))
         labels = pool.labels.numpy()[idx]
         name = f"site-{site_id}"
@@ -87,7 +83,7 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
         name = str(node_config.get("site-name") or "site")
         if "device" in node_config:  # the site's hardware is the site's choice
             cfg = FedConfig.from_mapping({"device": str(node_config["device"])}, base=cfg)
-        task, data, labels, classes = _folder(cfg.to_json(), data_path, name)
+        task, data, labels, classes = _folder(cfg, data_path, name)
     train, held = local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
     return Site(name=name, task=task, train=train, eval=held, simulated=_is_simulated(node_config), classes=classes)
 

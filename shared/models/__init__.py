@@ -2,7 +2,7 @@
 
 from . import _builtin  # noqa: F401  (registers the shipped backbones)
 from ._decode import ImageDecodeError
-from ._lowrank import LowRankConv, apply_low_rank
+from ._lowrank import LowRankConv, apply_low_rank, is_pointwise_conv
 from ._policy import FineTunePolicy, apply_policy, load_trainable, parse_policy, train_mode, trainable_state_dict
 from ._registry import BackboneSpec, create_model, get_backbone, list_backbones, register_backbone
 from ._transform import RESIZE_POLICY, ImageTransform, decode_image
@@ -12,6 +12,7 @@ from ._weights import LITE0_SHA256, load_state_dict_file, sha256_of
 __all__ = [
     "LowRankConv",
     "apply_low_rank",
+    "is_pointwise_conv",
     "BackboneSpec",
     "FedModel",
     "FineTunePolicy",

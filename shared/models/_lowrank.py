@@ -17,7 +17,7 @@ from torch import nn
 
 from ._types import FedModel
 
-__all__ = ["LowRankConv", "apply_low_rank"]
+__all__ = ["LowRankConv", "apply_low_rank", "is_pointwise_conv"]
 
 
 class LowRankConv(nn.Module):
@@ -37,8 +37,21 @@ class LowRankConv(nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-def _pointwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1)
+def is_pointwise_conv(m: nn.Module) -> bool:
+    """True for a plain 1x1 convolution that is a per-pixel matrix product.
+
+    Exactly ``nn.Conv2d`` (a subclass may override ``forward``, e.g. weight
+    standardisation), 1x1 kernel, stride 1, no padding, no dilation, one group.
+    The one test used by the low-rank adapters and by DP-SGD's fast clipping.
+    """
+    return (
+        type(m) is nn.Conv2d
+        and m.kernel_size == (1, 1)
+        and m.stride == (1, 1)
+        and m.padding in ((0, 0), "valid")
+        and m.dilation == (1, 1)
+        and m.groups == 1
+    )
 
 
 def apply_low_rank(model: FedModel, cut: int, rank: int) -> int:
@@ -53,7 +66,7 @@ def apply_low_rank(model: FedModel, cut: int, rank: int) -> int:
     for stage in list(model.stages)[cut:]:
         for parent in list(stage.modules()):
             for name, child in list(parent.named_children()):
-                if _pointwise(child) and child.weight.requires_grad:
+                if is_pointwise_conv(child) and child.weight.requires_grad:
                     setattr(parent, name, LowRankConv(child, rank))
                     count += 1
     return count

@@ -30,18 +30,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..models import is_pointwise_conv
+
 __all__ = ["BookKeepingClipper", "supports_fast_clipping"]
-
-
-def _is_pointwise_conv(m: nn.Module) -> bool:
-    return (
-        type(m) is nn.Conv2d  # subclasses may override forward (e.g. weight standardisation)
-        and m.kernel_size == (1, 1)
-        and m.stride == (1, 1)
-        and m.padding in ((0, 0), "valid")
-        and m.dilation == (1, 1)
-        and m.groups == 1
-    )
 
 
 def _trainable_direct(m: nn.Module) -> list[nn.Parameter]:
@@ -51,7 +42,7 @@ def _trainable_direct(m: nn.Module) -> list[nn.Parameter]:
 def supports_fast_clipping(module: nn.Module) -> bool:
     """True when every trainable parameter sits in a Linear or a pointwise (1x1) conv."""
     layers = [m for m in module.modules() if _trainable_direct(m)]
-    if not layers or not all(type(m) is nn.Linear or _is_pointwise_conv(m) for m in layers):
+    if not layers or not all(type(m) is nn.Linear or is_pointwise_conv(m) for m in layers):
         return False
     params = [p for m in layers for p in _trainable_direct(m)]
     return len({id(p) for p in params}) == len(params)  # no weight shared between layers
