@@ -21,9 +21,9 @@ import torch
 from fedlens.shared.averaging import ModelAverage
 from fedlens.shared.config import FedConfig
 from fedlens.shared.data import load_dataset
+from fedlens.shared.data.partition import partition
 from fedlens.shared.privacy import DPSGD, DPRequest, PrivacyLedger, SiteBudget, SitePrivacy, SiteUpdate
 from fedlens.shared.task import LocalData, Task, local_split, site_seed
-from fedlens.shared.data.partition import partition
 
 
 @dataclass

@@ -22,9 +22,23 @@ from fedlens.simulations.runner import centralized, simulate
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     setup_logging()
-    cfg = config(args, **{"dataset": "fashion-mnist", "num-sites": 10, "partition": "dirichlet", "alpha": 0.5, "strategy": "fedavg", "dp": False,
-                         # the non-private settings this figure was first measured with
-                         "optimizer": "adam", "lr": 0.001, "batch-size": 64, "lora-rank": 0, "num-rounds": 20})
+    cfg = config(
+        args,
+        **{
+            "dataset": "fashion-mnist",
+            "num-sites": 10,
+            "partition": "dirichlet",
+            "alpha": 0.5,
+            "strategy": "fedavg",
+            "dp": False,
+            # the non-private settings this figure was first measured with
+            "optimizer": "adam",
+            "lr": 0.001,
+            "batch-size": 64,
+            "lora-rank": 0,
+            "num-rounds": 20,
+        },
+    )
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t = time.monotonic()

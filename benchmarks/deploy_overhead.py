@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -48,7 +47,10 @@ def _per_message_startup(env: dict[str, str], site_dir: Path, cache: str) -> flo
         f"cfg=FedConfig.from_mapping({{'image-size': 32, 'batch-size': 16, 'cache-dir': {cache!r}}}); "
         f"load_site(cfg, {{'data-path': {str(site_dir)!r}, 'site-name': 'site-a'}}); print(time.perf_counter()-t)"
     )
-    runs = [float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1]) for _ in range(3)]
+    runs = [
+        float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()[-1])
+        for _ in range(3)
+    ]
     return sorted(runs)[1]
 
 
@@ -58,19 +60,63 @@ def _deploy(root: Path, env: dict[str, str], certs: Path, data: dict[str, Path],
     try:
         port = free_port()
         state = root / "server"
-        procs.start("server", "server", "start", "--certs", str(certs), "--state-dir", str(state), "--host", "127.0.0.1", "--port", str(port))
+        procs.start(
+            "server", "server", "start", "--certs", str(certs), "--state-dir", str(state), "--host", "127.0.0.1", "--port", str(port)
+        )
         wait_for(lambda: listening(port), 60, "server")
         for site in SITES:
-            subprocess.run([sys.executable, "-m", "fedlens.ops.cli", "server", "add-site", site, str(certs / "sites" / f"{site}.pub"),
-                            "--state-dir", str(state)], env=env, check=True, capture_output=True)  # fmt: skip
-            procs.start(site, "client", "start", "--server", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem"),
-                        "--key", str(certs / "sites" / f"{site}.key"), "--data", str(data[site]), "--state-dir", str(root / "state" / site),
-                        "--max-epsilon", "1000", "--allow-evaluation", "--port", str(free_port()))  # fmt: skip
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedlens.ops.cli",
+                    "server",
+                    "add-site",
+                    site,
+                    str(certs / "sites" / f"{site}.pub"),
+                    "--state-dir",
+                    str(state),
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            procs.start(
+                site,
+                "client",
+                "start",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--ca",
+                str(certs / "ca.pem"),
+                "--key",
+                str(certs / "sites" / f"{site}.key"),
+                "--data",
+                str(data[site]),
+                "--state-dir",
+                str(root / "state" / site),
+                "--max-epsilon",
+                "1000",
+                "--allow-evaluation",
+                "--port",
+                str(free_port()),
+            )
         time.sleep(10)
         cfg_file = root / "deploy.toml"
         cfg_file.write_text(FedConfig.from_mapping({**base, "data-path": str(data["server"]), "test-fraction": 0.5}).to_toml())
         started = time.monotonic()
-        run = procs.start("run", "run", "--server", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem"), "--config", str(cfg_file), "--out", str(root / "run"))
+        run = procs.start(
+            "run",
+            "run",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--ca",
+            str(certs / "ca.pem"),
+            "--config",
+            str(cfg_file),
+            "--out",
+            str(root / "run"),
+        )
         if run.wait(timeout=1800) != 0:
             raise SystemExit(procs.log("run")[-3000:])
         return _round_times(root / "run"), time.monotonic() - started
@@ -89,8 +135,16 @@ def main() -> None:
     for name in ("server", *SITES):
         shutil.copytree(data[name], pooled, dirs_exist_ok=True)
     cache = str(root / "cache")
-    base = {"dataset": "folder", "image-size": 32, "batch-size": 16, "num-rounds": args.rounds, "num-sites": 2,
-            "min-sites": 2, "cache-dir": cache, "target-epsilon": 8.0}  # fmt: skip
+    base = {
+        "dataset": "folder",
+        "image-size": 32,
+        "batch-size": 16,
+        "num-rounds": args.rounds,
+        "num-sites": 2,
+        "min-sites": 2,
+        "cache-dir": cache,
+        "target-epsilon": 8.0,
+    }
     certs = root / "certs"
     init_ca(certs, ["127.0.0.1"])
     for site in SITES:
@@ -101,7 +155,12 @@ def main() -> None:
     sim_file = root / "sim.toml"
     sim_file.write_text(FedConfig.from_mapping({**base, "data-path": str(pooled), "test-fraction": 1 / 3, "partition": "iid"}).to_toml())
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "fedlens.ops.cli", "simulate", "--config", str(sim_file), "--out", str(root / "sim-run")], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "fedlens.ops.cli", "simulate", "--config", str(sim_file), "--out", str(root / "sim-run")],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     sim_wall = time.monotonic() - started
     sim = _round_times(root / "sim-run")
     startup = _per_message_startup(env, data["site-a"], cache)
@@ -110,11 +169,15 @@ def main() -> None:
     s = sum(sim) / len(sim)
     print(f"rounds {args.rounds}; per-round time after round 1 (rounds 2..{args.rounds})")
     for poll, (times, wall) in deploy.items():
-        print(f"  deployment, SuperExec poll {poll}s  {' '.join(f'{t:.1f}' for t in times)}  mean {mean[poll]:.1f}s  (whole run {wall:.0f}s)")
+        print(
+            f"  deployment, SuperExec poll {poll}s  {' '.join(f'{t:.1f}' for t in times)}  mean {mean[poll]:.1f}s  (whole run {wall:.0f}s)"
+        )
     print(f"  simulation                     {' '.join(f'{t:.1f}' for t in sim)}  mean {s:.1f}s  (whole run {sim_wall:.0f}s)")
     print(f"  per message: a fresh app process imports the ClientApp and loads the site in {startup:.1f}s (2 messages per round)")
-    print(f"RESULT deploy_round_s={mean['1.0']:.2f} deploy_round_poll02_s={mean['0.2']:.2f} sim_round_s={s:.2f} "
-          f"ratio={mean['1.0'] / s:.2f} message_startup_s={startup:.2f}")
+    print(
+        f"RESULT deploy_round_s={mean['1.0']:.2f} deploy_round_poll02_s={mean['0.2']:.2f} sim_round_s={s:.2f} "
+        f"ratio={mean['1.0'] / s:.2f} message_startup_s={startup:.2f}"
+    )
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -25,7 +25,9 @@ from fedlens.shared.task import Task
 
 def _make_dp(task: Task, mode: str):
     params = [p for p in task.head.parameters() if p.requires_grad]
-    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01, expected_batch_size=task.cfg.batch_size, mode=mode, secure_rng=False)
+    dp = DPSGD(
+        noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.01, expected_batch_size=task.cfg.batch_size, mode=mode, secure_rng=False
+    )
     return dp.stepper(task.head, task.make_optimizer(params, 1e-3), torch.Generator(device=task.device).manual_seed(0))
 
 

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import config, parser, result, setup_logging
 from _plain import plain_fedavg
 
@@ -52,9 +51,12 @@ def _cell(args: tuple[dict[str, object], str, float, int]) -> tuple[str, float, 
     except Exception as exc:  # one bad cell must not end the sweep
         print(f"  {name:<18} eps {epsilon if epsilon > 0 else 'inf':>5}  FAILED: {type(exc).__name__}: {exc}", flush=True)
         return name, epsilon, float("nan"), float("nan"), 0.0
-    print(f"  {name:<18} eps {epsilon if epsilon > 0 else 'inf':>5}  acc {res.accuracy:.4f}  "
-          f"(curve {' '.join(f'{a:.3f}' for a in res.accuracies[::max(1, len(res.accuracies) // 5)])})  "
-          f"max eps {res.max_epsilon:.3f}  {res.wall_s:.0f}s", flush=True)  # fmt: skip
+    print(
+        f"  {name:<18} eps {epsilon if epsilon > 0 else 'inf':>5}  acc {res.accuracy:.4f}  "
+        f"(curve {' '.join(f'{a:.3f}' for a in res.accuracies[:: max(1, len(res.accuracies) // 5)])})  "
+        f"max eps {res.max_epsilon:.3f}  {res.wall_s:.0f}s",
+        flush=True,
+    )
     return name, epsilon, res.accuracy, res.max_epsilon, res.wall_s
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,13 +42,22 @@ def main() -> None:
     print(f"model {model}: {n} images explained, {len(report['methods'])} methods, {os.cpu_count()} CPU cores")
     print(f"{'method':<22} {'seconds':>8} {'faithfulness':>13} {'deletion':>9} {'insertion':>10} {'rand. rho':>10}  flagged")
     for name, t in report["trust"]["methods"].items():
-        print(f"{name:<22} {t['seconds']:>8.1f} {t['faithfulness']:>+13.3f} {t['deletion_auc']:>9.3f} {t['insertion_auc']:>10.3f} "
-              f"{t['randomisation_rank_correlation']:>10.2f}  {t['flagged']}")  # fmt: skip
+        print(
+            f"{name:<22} {t['seconds']:>8.1f} {t['faithfulness']:>+13.3f} {t['deletion_auc']:>9.3f} {t['insertion_auc']:>10.3f} "
+            f"{t['randomisation_rank_correlation']:>10.2f}  {t['flagged']}"
+        )
     chance = report["trust"]["chance"]
-    print(f"chance: deletion {chance['deletion_auc']:.3f}  insertion {chance['insertion_auc']:.3f}; accuracy {report['performance']['accuracy']:.4f}")
-    result(images=n, report_s=wall, bar_s=120, ratio_to_bar=wall / 120,
-           **{f"{k.replace('-', '_')}_faithfulness": v["faithfulness"] for k, v in report["trust"]["methods"].items()},
-           **{f"{k.replace('-', '_')}_rand_rho": v["randomisation_rank_correlation"] for k, v in report["trust"]["methods"].items()})  # fmt: skip
+    print(
+        f"chance: deletion {chance['deletion_auc']:.3f}  insertion {chance['insertion_auc']:.3f}; accuracy {report['performance']['accuracy']:.4f}"
+    )
+    result(
+        images=n,
+        report_s=wall,
+        bar_s=120,
+        ratio_to_bar=wall / 120,
+        **{f"{k.replace('-', '_')}_faithfulness": v["faithfulness"] for k, v in report["trust"]["methods"].items()},
+        **{f"{k.replace('-', '_')}_rand_rho": v["randomisation_rank_correlation"] for k, v in report["trust"]["methods"].items()},
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from _common import config, parser, result, setup_logging
-
 from _plain import plain_fedavg
 
 from fedlens.shared.data import load_dataset

@@ -46,8 +46,11 @@ def main() -> None:
         summary = simulate(run_cfg, out / (f"eps-{eps:g}" if eps > 0 else "non-private"))
         spent = summary["privacy"]["max_site_epsilon"]
         rows.append((eps, summary["final_accuracy"], spent, time.monotonic() - t))
-        print(f"epsilon {eps if eps > 0 else 'inf':>5}: accuracy {summary['final_accuracy']:.4f}  "
-              f"max site epsilon spent {spent if spent is not None else '-'}  wall {rows[-1][3]:.0f}s", flush=True)  # fmt: skip
+        print(
+            f"epsilon {eps if eps > 0 else 'inf':>5}: accuracy {summary['final_accuracy']:.4f}  "
+            f"max site epsilon spent {spent if spent is not None else '-'}  wall {rows[-1][3]:.0f}s",
+            flush=True,
+        )
     print(f"{'epsilon':>8} {'accuracy':>9} {'spent':>8} {'wall s':>7}")
     for eps, acc, spent, wall in rows:
         print(f"{eps if eps > 0 else 'inf':>8} {acc:>9.4f} {spent if spent is not None else float('nan'):>8.3f} {wall:>7.0f}")

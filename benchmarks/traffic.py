@@ -9,7 +9,6 @@ of the trainable state a site returns), next to the full model's state dict.
 from __future__ import annotations
 
 from _common import config, parser, result
-
 from flwr.app import ArrayRecord
 
 from fedlens.shared.config import FedConfig

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -32,7 +31,6 @@ from .site import Site, load_site, site_privacy
 __all__ = ["app", "build_client_app"]
 
 _log = logging.getLogger("fedlens.client")
-
 
 
 def _round(config: Mapping[str, object]) -> int:
@@ -55,8 +53,15 @@ def _keep_global_model(site: Site, node_config: Mapping[str, object], *, run_id:
             if kept.get("run_id") == run_id and kept.get("round", -1) >= round:
                 return  # already kept (the evaluate message of the previous round carried it)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, site.task.model.state_dict(), config=site.task.cfg.to_dict(),
-                        classes=list(site.classes), round=round, site=site.name, run_id=run_id)  # fmt: skip
+        save_checkpoint(
+            path,
+            site.task.model.state_dict(),
+            config=site.task.cfg.to_dict(),
+            classes=list(site.classes),
+            round=round,
+            site=site.name,
+            run_id=run_id,
+        )
     except (OSError, FedlensError) as exc:  # a copy for explaining: never worth failing a round over
         _log.warning("%s: could not keep the global model in %s: %s", site.name, state_dir, exc)
 
@@ -67,7 +72,13 @@ FAULT_ENV = "FEDLENS_INJECT_FAULT"
 
 
 def _site_update(
-    site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, node_config: dict[str, object], state_root: Path | None, flower_run: int
+    site: Site,
+    state: dict[str, torch.Tensor],
+    config: Mapping[str, object],
+    *,
+    node_config: dict[str, object],
+    state_root: Path | None,
+    flower_run: int,
 ) -> SiteUpdate:
     """One round of local training; under DP the site's :class:`SitePrivacy` owns the round.
 
@@ -91,11 +102,20 @@ def _site_update(
         return _train_locally(site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, dp=dp)
 
     privacy = site_privacy(site, node_config, state_root=state_root)
-    return privacy.run_round(request=DPRequest.from_config(cfg, run_id), round=rnd, global_state=state, num_examples=len(site.train), train=train)
+    return privacy.run_round(
+        request=DPRequest.from_config(cfg, run_id), round=rnd, global_state=state, num_examples=len(site.train), train=train
+    )
 
 
 def _train_locally(
-    site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, node_config: Mapping[str, object], rnd: int, run_id: str, dp: DPSGD | None
+    site: Site,
+    state: dict[str, torch.Tensor],
+    config: Mapping[str, object],
+    *,
+    node_config: Mapping[str, object],
+    rnd: int,
+    run_id: str,
+    dp: DPSGD | None,
 ) -> SiteUpdate:
     cfg = site.task.cfg
     site.task.load_trainable(state)
@@ -124,9 +144,13 @@ def _train_locally(
 def _train(site: Site, msg: Message, node_config: dict[str, object], state_root: Path | None) -> Message:
     config = msg.content.config_records.get("config", ConfigRecord())
     state, num_examples, metrics = _site_update(
-        site, msg.content["arrays"].to_torch_state_dict(), config,
-        node_config=node_config, state_root=state_root, flower_run=msg.metadata.run_id,
-    )  # fmt: skip
+        site,
+        msg.content["arrays"].to_torch_state_dict(),
+        config,
+        node_config=node_config,
+        state_root=state_root,
+        flower_run=msg.metadata.run_id,
+    )
     content = RecordDict(
         {
             "arrays": ArrayRecord(state),
@@ -152,7 +176,13 @@ def _evaluate(site: Site, msg: Message, node_config: dict[str, object]) -> Messa
         metrics = {NUM_EXAMPLES: 0, UNIT_WEIGHT: 1, "accuracy": 0.0, "loss": 0.0, "macro_f1": 0.0}
     else:
         report = site.task.evaluate(site.eval)
-        metrics = {NUM_EXAMPLES: report.num_examples, UNIT_WEIGHT: 1, "accuracy": report.accuracy, "loss": report.loss, "macro_f1": report.macro_f1}
+        metrics = {
+            NUM_EXAMPLES: report.num_examples,
+            UNIT_WEIGHT: 1,
+            "accuracy": report.accuracy,
+            "loss": report.loss,
+            "macro_f1": report.macro_f1,
+        }
     content = RecordDict({"metrics": MetricRecord(metrics), SITE_RECORD: ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
 
@@ -185,8 +215,12 @@ def build_client_app(cfg: FedConfig | None = None, *, state_root: str | Path | N
         if is_secagg_message(msg):  # secure aggregation: the legacy path, behind client.secagg
             site = site_for(context)
 
-            def update(state: dict[str, torch.Tensor], config: dict[str, object]) -> tuple[dict[str, torch.Tensor], int, dict[str, float], str]:
-                out = _site_update(site, state, config, node_config=dict(context.node_config), state_root=root_for(context), flower_run=context.run_id)
+            def update(
+                state: dict[str, torch.Tensor], config: dict[str, object]
+            ) -> tuple[dict[str, torch.Tensor], int, dict[str, float], str]:
+                out = _site_update(
+                    site, state, config, node_config=dict(context.node_config), state_root=root_for(context), flower_run=context.run_id
+                )
                 return (*out, site.name)
 
             return handle_secagg(msg, context, update)

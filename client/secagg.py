@@ -50,11 +50,7 @@ def is_secagg_message(msg: Message) -> bool:
     bool
         True for the four kinds of train message of Flower's SecAgg+ workflow.
     """
-    return (
-        msg.metadata.message_type == MessageType.TRAIN
-        and msg.has_content()
-        and RECORD_KEY_CONFIGS in msg.content.config_records
-    )
+    return msg.metadata.message_type == MessageType.TRAIN and msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records
 
 
 def _check_update(site: str, names: list[str], received: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:

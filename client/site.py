@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from fedlens.shared.config import FedConfig, parse_site_budgets
-from fedlens.shared.errors import ConfigError
-from fedlens.shared.privacy import PrivacyLedger, SiteBudget, SitePrivacy
 from fedlens.shared.data import ImageSet, load_dataset, load_image_folder
 from fedlens.shared.data.partition import partition
+from fedlens.shared.errors import ConfigError
 from fedlens.shared.models import get_backbone
+from fedlens.shared.privacy import PrivacyLedger, SiteBudget, SitePrivacy
 from fedlens.shared.task import LocalData, Task, local_split
 
 __all__ = ["Site", "load_site", "site_privacy"]

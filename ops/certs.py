@@ -117,7 +117,7 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def init_ca(
@@ -171,15 +171,27 @@ def init_ca(
         .not_valid_after(start + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),  # fmt: skip
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    _write_private(paths.ca_key, ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), force=force)
+    _write_private(
+        paths.ca_key,
+        ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        force=force,
+    )
     _write_public(paths.ca_cert, ca.public_bytes(serialization.Encoding.PEM))
     # The server host's own tools (`fedlens server add-site`, `fedlens run` on the host) dial
     # loopback, so loopback names are always covered too.
@@ -230,7 +242,11 @@ def issue_server_cert(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)  # type: ignore[arg-type]
         .sign(ca_key, hashes.SHA384())  # type: ignore[arg-type]
     )
-    _write_private(paths.server_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), force=force)
+    _write_private(
+        paths.server_key,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        force=force,
+    )
     _write_public(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -248,10 +264,16 @@ def add_site(out: str | Path, site: str, *, force: bool = False) -> tuple[Path, 
 
     private, public = site_key_paths(out, site)
     if private.exists() and not force:
-        raise CertError(f"{private} already exists; refusing to overwrite {site}'s key (pass --force to replace it, then re-register the site)")
+        raise CertError(
+            f"{private} already exists; refusing to overwrite {site}'s key (pass --force to replace it, then re-register the site)"
+        )
     private.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), force=force)
+    _write_private(
+        private,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+        force=force,
+    )
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write_public(public, pub + f" {site}\n".encode())
     return private, public

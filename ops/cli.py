@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from fedlens.shared.config import FedConfig, config_help
@@ -18,6 +17,7 @@ from fedlens.shared.errors import FedlensError
 from .cli_common import add_config_args, default_out, print_result, resolve_config, run_target
 
 __all__ = ["main", "build_parser"]
+
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedlens.simulations.runner import simulate
@@ -60,7 +60,9 @@ def _cmd_privacy_show(args: argparse.Namespace) -> int:
     print(f"privacy ledger {ledger.path}")
     print(f"{'run':<24} {'round':>5} {'sigma':>7} {'q':>8} {'steps':>6} {'epsilon':>8} {'delta':>8}  accountant")
     for e in entries:
-        print(f"{e.run_id:<24} {e.round:>5} {e.noise_multiplier:>7.3f} {e.sample_rate:>8.5f} {e.steps:>6} {e.epsilon:>8.3f} {e.delta:>8.1e}  {e.accountant}")
+        print(
+            f"{e.run_id:<24} {e.round:>5} {e.noise_multiplier:>7.3f} {e.sample_rate:>8.5f} {e.steps:>6} {e.epsilon:>8.3f} {e.delta:>8.1e}  {e.accountant}"
+        )
     return 0
 
 
@@ -90,39 +92,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (including Flower's)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("simulate", help="run a federated simulation locally (Flower simulation engine)",
-                       description="Run a federated fine-tune with simulated sites on this machine.")  # fmt: skip
+    p = sub.add_parser(
+        "simulate",
+        help="run a federated simulation locally (Flower simulation engine)",
+        description="Run a federated fine-tune with simulated sites on this machine.",
+    )
     add_config_args(p)
     p.add_argument("--out", type=Path, help="run folder to create (default: runs/simulate-<time>)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted run from its last completed round")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("centralized", help="train the same model on the pooled data (the baseline)",
-                       description="Train on all data in one place for num-rounds x local-epochs passes.")  # fmt: skip
+    p = sub.add_parser(
+        "centralized",
+        help="train the same model on the pooled data (the baseline)",
+        description="Train on all data in one place for num-rounds x local-epochs passes.",
+    )
     add_config_args(p)
     p.add_argument("--out", type=Path, help="run folder to create (default: runs/centralized-<time>)")
     p.set_defaults(func=_cmd_centralized)
 
-    p = sub.add_parser("config", help="print the resolved config, or every key with --keys",
-                       description="Show the configuration a command would run with.")  # fmt: skip
+    p = sub.add_parser(
+        "config", help="print the resolved config, or every key with --keys", description="Show the configuration a command would run with."
+    )
     add_config_args(p)
     p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
     p.set_defaults(func=_cmd_config)
     p = sub.add_parser("privacy", help="inspect a site's privacy ledger", description="Privacy ledger tools.")
     privacy = p.add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
-    show = privacy.add_parser("show", help="print the epsilon a site has spent, round by round",
-                              description="Print a site's privacy ledger (one line per DP-SGD round).")  # fmt: skip
+    show = privacy.add_parser(
+        "show",
+        help="print the epsilon a site has spent, round by round",
+        description="Print a site's privacy ledger (one line per DP-SGD round).",
+    )
     show.add_argument("state_dir", type=Path, metavar="STATE_DIR", help="the site's state folder")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=_cmd_privacy_show)
 
     from fedlens.shared.explain.methods import method_names
 
-    p = sub.add_parser("explain", help="explainability report (Captum) of a model on labelled images",
-                       description="Write a self-contained HTML report (and report.json): model card, performance, "
-                                   "attribution maps and how far to trust each method. Runs where the images are.")  # fmt: skip
+    p = sub.add_parser(
+        "explain",
+        help="explainability report (Captum) of a model on labelled images",
+        description="Write a self-contained HTML report (and report.json): model card, performance, "
+        "attribution maps and how far to trust each method. Runs where the images are.",
+    )
     p.add_argument("--model", type=Path, required=True, metavar="MODEL_OR_RUN_DIR", help="model.safetensors or a run folder")
-    p.add_argument("--data", required=True, metavar="DIR|fashion-mnist", help="image folder (one sub-folder per class) or fashion-mnist (test split)")
+    p.add_argument(
+        "--data", required=True, metavar="DIR|fashion-mnist", help="image folder (one sub-folder per class) or fashion-mnist (test split)"
+    )
     p.add_argument("--out", type=Path, required=True, help="report folder")
     p.add_argument("--methods", help=f"comma list (default all): {','.join(method_names())}")
     p.add_argument("--per-class", type=int, default=10, help="images explained per class (default 10)")

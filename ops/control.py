@@ -11,9 +11,10 @@ import json
 import logging
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fedlens.shared.errors import FedlensError
 
@@ -66,8 +67,11 @@ class Connection:
         try:
             proc = subprocess.run(
                 [flower_bin("flwr"), *args, CONNECTION, "--format", "json"],
-                env=flower_env(FLWR_HOME=home), capture_output=True, text=True, timeout=timeout,
-            )  # fmt: skip
+                env=flower_env(FLWR_HOME=home),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired as exc:
             raise ControlError(f"the server at {self.address} did not answer `flwr {args[0]}` within {timeout:.0f}s") from exc
         finally:
@@ -109,8 +113,11 @@ class Connection:
         try:
             proc = subprocess.Popen(
                 [flower_bin("flwr"), "log", run_id, CONNECTION, "--stream"],
-                env=flower_env(FLWR_HOME=home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
+                env=flower_env(FLWR_HOME=home),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             assert proc.stdout is not None
             try:
                 yield from proc.stdout

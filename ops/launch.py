@@ -15,8 +15,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedlens.shared.config import RUN_DIR_KEY, FedConfig
 from fedlens.shared.errors import FedlensError
@@ -77,7 +78,9 @@ def launch(
             if local.get("status") != "running":  # the ServerApp failed before the run started
                 raise RunFailed(f"the run failed to start (Flower status {status}); the server log above says why")
             if status != "finished:failed":  # e.g. stopped by an admin (`flwr stop`): respect it
-                raise RunFailed(f"the run ended as {status!r} after round {run.completed_rounds()}; continue it with `fedlens run --resume {run_dir}`")
+                raise RunFailed(
+                    f"the run ended as {status!r} after round {run.completed_rounds()}; continue it with `fedlens run --resume {run_dir}`"
+                )
             if attempt < max_restarts:
                 echo(f"Flower run {flower_run} ended as {status!r} after round {run.completed_rounds()}; resuming the run")
         raise RunFailed(f"the run did not finish after {max_restarts} restart(s); continue it with `fedlens run --resume {run_dir}`")
@@ -112,7 +115,9 @@ def _status_when_reachable(conn: Connection, flower_run: str, timeout: float) ->
             return conn.run_status(flower_run)
         except ControlError as exc:
             if time.monotonic() > deadline:
-                raise RunFailed(f"lost the server at {conn.address} for more than {timeout:.0f}s ({exc}); once it is back, continue with `fedlens run --resume DIR`") from exc
+                raise RunFailed(
+                    f"lost the server at {conn.address} for more than {timeout:.0f}s ({exc}); once it is back, continue with `fedlens run --resume DIR`"
+                ) from exc
             if not warned:
                 _log.warning("lost the server at %s; waiting up to %.0fs for it to come back", conn.address, timeout)
                 warned = True

@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fedlens.shared.errors import FedlensError
 from fedlens.shared.protocol import FLOWER_ENV
@@ -112,8 +112,11 @@ class Procs:
         log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "fedlens.ops.cli", *args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
         log.close()
         self.procs[name] = proc
         return proc

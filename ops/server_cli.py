@@ -91,35 +91,54 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the server host's commands on the ``fedlens`` parser."""
-    p = sub.add_parser("certs", help="create the federation's CA, server certificate and site keys",
-                       description="Certificates and keys for a federation (TLS + site authentication).")  # fmt: skip
+    p = sub.add_parser(
+        "certs",
+        help="create the federation's CA, server certificate and site keys",
+        description="Certificates and keys for a federation (TLS + site authentication).",
+    )
     certs = p.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
-    q = certs.add_parser("init", help="a CA and a server certificate", description="Create ca.pem/ca.key and server.pem/server.key in --out.")
+    q = certs.add_parser(
+        "init", help="a CA and a server certificate", description="Create ca.pem/ca.key and server.pem/server.key in --out."
+    )
     q.add_argument("--out", type=Path, required=True, help="certificate folder to create")
-    q.add_argument("--server-name", required=True, metavar="NAME[,NAME...]", help="DNS names and IP addresses sites dial (become the certificate's SANs)")
+    q.add_argument(
+        "--server-name",
+        required=True,
+        metavar="NAME[,NAME...]",
+        help="DNS names and IP addresses sites dial (become the certificate's SANs)",
+    )
     q.add_argument("--days", type=int, default=825, help="validity of the certificates (default 825)")
     q.add_argument("--force", action="store_true", help="replace existing keys (every site then needs the new ca.pem)")
     q.set_defaults(func=_cmd_certs_init)
-    q = certs.add_parser("add-site", help="a site's authentication key pair", description="Create sites/SITE.key (private) and sites/SITE.pub in --out.")
+    q = certs.add_parser(
+        "add-site", help="a site's authentication key pair", description="Create sites/SITE.key (private) and sites/SITE.pub in --out."
+    )
     q.add_argument("site", metavar="SITE", help="site name (letters, digits, . _ -)")
     q.add_argument("--out", type=Path, required=True, help="certificate folder (from `certs init`)")
     q.add_argument("--force", action="store_true", help="replace the site's existing key")
     q.set_defaults(func=_cmd_certs_add_site)
 
-    p = sub.add_parser("server", help="run the federation server and manage its sites", description="The federation server (Flower SuperLink).")
+    p = sub.add_parser(
+        "server", help="run the federation server and manage its sites", description="The federation server (Flower SuperLink)."
+    )
     server = p.add_subparsers(dest="server_command", required=True, metavar="ACTION")
-    q = server.add_parser("start", help="start the server (TLS and site authentication on)",
-                          description="Start the SuperLink in the foreground with TLS, site authentication and persistent state.")  # fmt: skip
+    q = server.add_parser(
+        "start",
+        help="start the server (TLS and site authentication on)",
+        description="Start the SuperLink in the foreground with TLS, site authentication and persistent state.",
+    )
     q.add_argument("--certs", type=Path, help="certificate folder from `fedlens certs init`")
     q.add_argument("--state-dir", type=Path, required=True, help="persistent server state (database, site registry)")
     q.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     q.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for sites and `fedlens run` (default %(default)s)")
     q.add_argument("--insecure", action="store_true", help="plaintext, no site authentication: closed test networks only")
     q.set_defaults(func=_cmd_server_start)
-    for name, helptext, func in (("add-site", "register a site's public key", _cmd_server_add_site),
-                                 ("remove-site", "revoke a site (its key stops working)", _cmd_server_remove_site)):  # fmt: skip
+    for name, helptext, func in (
+        ("add-site", "register a site's public key", _cmd_server_add_site),
+        ("remove-site", "revoke a site (its key stops working)", _cmd_server_remove_site),
+    ):
         q = server.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         q.add_argument("site", metavar="SITE")
         if name == "add-site":
@@ -131,9 +150,12 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_cmd_server_sites)
 
-    p = sub.add_parser("run", help="submit a training run to a running server and follow it",
-                       description="Submit a federated run to the server, stream its progress and write the run folder "
-                                   "(on the server host). Resumes by itself after a server restart.")  # fmt: skip
+    p = sub.add_parser(
+        "run",
+        help="submit a training run to a running server and follow it",
+        description="Submit a federated run to the server, stream its progress and write the run folder "
+        "(on the server host). Resumes by itself after a server restart.",
+    )
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
     p.add_argument("--ca", type=Path, help="the federation's ca.pem")
     p.add_argument("--insecure", action="store_true", help="plaintext server (started with --insecure)")

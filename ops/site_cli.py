@@ -21,32 +21,56 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
     from .supernode import INSECURE_BANNER, SiteSettings, check_server, check_site, run_supernode
 
     if args.insecure == bool(args.ca):
-        raise FedlensError("give the federation's CA and this site's key with --ca ca.pem --key SITE.key (or --insecure on a closed test network)")
+        raise FedlensError(
+            "give the federation's CA and this site's key with --ca ca.pem --key SITE.key (or --insecure on a closed test network)"
+        )
     if args.ca and not args.key:
         raise FedlensError("--key SITE.key is required with --ca (site authentication); create it with `fedlens certs add-site`")
     name = args.name or (args.key.stem if args.key else "site")
     settings = SiteSettings(
-        server=args.server, data=args.data, state_dir=args.state_dir, name=name,
-        ca=None if args.insecure else args.ca, key=None if args.insecure else args.key,
-        max_epsilon=args.max_epsilon, delta=args.delta, allow_evaluation=args.allow_evaluation,
-        allow_non_private=args.allow_non_private, device=args.device, port=args.port,
-    )  # fmt: skip
+        server=args.server,
+        data=args.data,
+        state_dir=args.state_dir,
+        name=name,
+        ca=None if args.insecure else args.ca,
+        key=None if args.insecure else args.key,
+        max_epsilon=args.max_epsilon,
+        delta=args.delta,
+        allow_evaluation=args.allow_evaluation,
+        allow_non_private=args.allow_non_private,
+        device=args.device,
+        port=args.port,
+    )
     if args.insecure:
         _log.warning(INSECURE_BANNER)
     images = check_site(settings)
-    _log.info("%s: %d images in %s; privacy budget epsilon %g at delta %g; ledger in %s", name, images, args.data, args.max_epsilon, args.delta, args.state_dir)
+    _log.info(
+        "%s: %d images in %s; privacy budget epsilon %g at delta %g; ledger in %s",
+        name,
+        images,
+        args.data,
+        args.max_epsilon,
+        args.delta,
+        args.state_dir,
+    )
     _log.info("%s: %s", name, check_server(args.server, settings.ca))
     return run_supernode(settings)
 
 
-def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the site's commands on the ``fedlens`` parser."""
-    p = sub.add_parser("client", help="run a site's client (it trains on the site's images; they never leave)",
-                       description="A data site's connection to the federation (Flower SuperNode).")  # fmt: skip
+    p = sub.add_parser(
+        "client",
+        help="run a site's client (it trains on the site's images; they never leave)",
+        description="A data site's connection to the federation (Flower SuperNode).",
+    )
     client = p.add_subparsers(dest="client_command", required=True, metavar="ACTION")
-    q = client.add_parser("start", help="connect this site to the server and serve training rounds",
-                          description="Check the site's set-up and the server's certificate, then run the site in the foreground. "
-                                      "Data path, privacy budget and device are site settings the server cannot override.")  # fmt: skip
+    q = client.add_parser(
+        "start",
+        help="connect this site to the server and serve training rounds",
+        description="Check the site's set-up and the server's certificate, then run the site in the foreground. "
+        "Data path, privacy budget and device are site settings the server cannot override.",
+    )
     q.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address, as named in its certificate")
     q.add_argument("--ca", type=Path, help="the federation's ca.pem (from the server admin)")
     q.add_argument("--key", type=Path, help="this site's private key SITE.key (from `fedlens certs add-site`)")
@@ -58,6 +82,11 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
     q.add_argument("--allow-evaluation", action="store_true", help="release accuracy on the site's held-out images (not covered by DP)")
     q.add_argument("--allow-non-private", action="store_true", help="join runs without DP-SGD (off: such runs are refused)")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present")
-    q.add_argument("--port", type=int, default=DEFAULT_APP_PORT, help="local port of the site's app runtime (default %(default)s; unique per site on one host)")
+    q.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_APP_PORT,
+        help="local port of the site's app runtime (default %(default)s; unique per site on one host)",
+    )
     q.add_argument("--insecure", action="store_true", help="plaintext, no authentication: closed test networks only")
     q.set_defaults(func=_cmd_client_start)

@@ -30,7 +30,16 @@ from .certs import CertError, CertPaths, check_site_name
 from .control import Connection, ControlError
 from .procs import flower_bin, flower_env
 
-__all__ = ["DEFAULT_PORT", "ServerSettings", "superlink_command", "start_server", "add_site", "remove_site", "list_sites", "server_connection"]
+__all__ = [
+    "DEFAULT_PORT",
+    "ServerSettings",
+    "superlink_command",
+    "start_server",
+    "add_site",
+    "remove_site",
+    "list_sites",
+    "server_connection",
+]
 
 _log = logging.getLogger("fedlens.server")
 
@@ -68,14 +77,16 @@ def check_certificates(certs: Path) -> list[str]:
     paths = CertPaths(certs)
     for f in (paths.ca_cert, paths.server_cert, paths.server_key):
         if not f.is_file():
-            raise CertError(f"{f} not found; create the federation's certificates with `fedlens certs init --out {certs} --server-name NAME`")
+            raise CertError(
+                f"{f} not found; create the federation's certificates with `fedlens certs init --out {certs} --server-name NAME`"
+            )
     try:
         ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
         cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
         key = serialization.load_pem_private_key(paths.server_key.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
         raise CertError(f"cannot read the certificates in {certs}: {exc}") from exc
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise CertError(
             f"{paths.server_cert} is valid from {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}, not now; "
@@ -87,9 +98,13 @@ def check_certificates(certs: Path) -> list[str]:
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
-        raise CertError(f"{paths.server_cert} was not issued by {paths.ca_cert}; keep the CA and server certificate from one `fedlens certs init`") from exc
+        raise CertError(
+            f"{paths.server_cert} was not issued by {paths.ca_cert}; keep the CA and server certificate from one `fedlens certs init`"
+        ) from exc
     if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
-        raise CertError(f"the CA certificate {paths.ca_cert} is not valid now (until {ca.not_valid_after_utc:%Y-%m-%d}); create a new federation CA with `fedlens certs init --force`")
+        raise CertError(
+            f"the CA certificate {paths.ca_cert} is not valid now (until {ca.not_valid_after_utc:%Y-%m-%d}); create a new federation CA with `fedlens certs init --force`"
+        )
     if (now + dt.timedelta(days=30)) > cert.not_valid_after_utc:
         _log.warning("the server certificate expires on %s; re-issue it soon", f"{cert.not_valid_after_utc:%Y-%m-%d}")
     try:
@@ -103,21 +118,28 @@ def superlink_command(s: ServerSettings) -> list[str]:
     """The ``flower-superlink`` command line for ``s`` (TLS and site authentication unless insecure)."""
     cmd = [
         flower_bin("flower-superlink"),
-        "--host", s.host, "--port", str(s.port),
-        "--database", str(s.state_dir / DATABASE),
+        "--host",
+        s.host,
+        "--port",
+        str(s.port),
+        "--database",
+        str(s.state_dir / DATABASE),
         "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
+    ]
     if s.insecure:
         return [*cmd, "--insecure"]
     assert s.certs is not None
     paths = CertPaths(s.certs)
     return [
         *cmd,
-        "--ssl-ca-certfile", str(paths.ca_cert.resolve()),
-        "--ssl-certfile", str(paths.server_cert.resolve()),
-        "--ssl-keyfile", str(paths.server_key.resolve()),
+        "--ssl-ca-certfile",
+        str(paths.ca_cert.resolve()),
+        "--ssl-certfile",
+        str(paths.server_cert.resolve()),
+        "--ssl-keyfile",
+        str(paths.server_key.resolve()),
         "--enable-supernode-auth",
-    ]  # fmt: skip
+    ]
 
 
 INSECURE_BANNER = """
@@ -136,7 +158,9 @@ def start_server(s: ServerSettings) -> None:
         _log.warning(INSECURE_BANNER)
     else:
         if s.certs is None:
-            raise CertError("give the certificate folder with --certs DIR (from `fedlens certs init`), or --insecure for a closed test network")
+            raise CertError(
+                "give the certificate folder with --certs DIR (from `fedlens certs init`), or --insecure for a closed test network"
+            )
         sans = check_certificates(s.certs)
         _log.info("TLS on; sites may dial %s (the certificate's names) on port %d", ", ".join(sans) or "?", s.port)
     s.state_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +192,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise ControlError(f"cannot listen on {host}:{port}: {exc.strerror}; is a server already running? choose another --port") from exc
+            raise ControlError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; is a server already running? choose another --port"
+            ) from exc
 
 
 def server_connection(state_dir: Path) -> Connection:
@@ -208,14 +234,22 @@ def add_site(state_dir: Path, site: str, public_key: Path) -> str:
         raise ControlError(f"public key {public_key} not found; the site's admin sends SITE.pub from `fedlens certs add-site`")
     text = public_key.read_text(encoding="utf-8", errors="replace").strip()
     if not text.startswith("ecdsa-sha2-nistp"):
-        raise ControlError(f"{public_key} is not an OpenSSH EC public key (expected 'ecdsa-sha2-nistp384 ...'); send the .pub file, never the private key")
+        raise ControlError(
+            f"{public_key} is not an OpenSSH EC public key (expected 'ecdsa-sha2-nistp384 ...'); send the .pub file, never the private key"
+        )
     fingerprint = hashlib.sha256(text.split()[1].encode()).hexdigest()[:16]
     conn = server_connection(state_dir)
     with _Registry(state_dir) as sites:
         if site in sites:
-            raise ControlError(f"site {site!r} is already registered (node {sites[site]['node_id']}); remove it first with `fedlens server remove-site {site}`")
+            raise ControlError(
+                f"site {site!r} is already registered (node {sites[site]['node_id']}); remove it first with `fedlens server remove-site {site}`"
+            )
         node_id = conn.register(public_key, site)
-        sites[site] = {"node_id": node_id, "key_sha256": fingerprint, "added": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        sites[site] = {
+            "node_id": node_id,
+            "key_sha256": fingerprint,
+            "added": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
     return node_id
 
 

@@ -178,7 +178,9 @@ def check_site(s: SiteSettings) -> int:
         if not s.ca.is_file():
             raise ConnectError(f"CA certificate {s.ca} not found; the server admin gives every site the federation's ca.pem")
         if s.key is None or not s.key.is_file():
-            raise ConnectError(f"site key {s.key} not found; create it with `fedlens certs add-site {s.name} --out DIR` and have the server register SITE.pub")
+            raise ConnectError(
+                f"site key {s.key} not found; create it with `fedlens certs add-site {s.name} --out DIR` and have the server register SITE.pub"
+            )
         mode = s.key.stat().st_mode & 0o777
         if mode & 0o077:
             raise ConnectError(f"site key {s.key} is readable by others (mode {mode:o}); run `chmod 600 {s.key}`")
@@ -191,7 +193,13 @@ def check_site(s: SiteSettings) -> int:
     s.state_dir.mkdir(parents=True, exist_ok=True)
     images, report = load_image_folder(s.data, image_size=32, name=s.name)
     if report.skipped:
-        _log.warning("%s: %d file(s) in %s cannot be used and are skipped (first: %s)", s.name, report.skipped, s.data, report.errors[0] if report.errors else "?")
+        _log.warning(
+            "%s: %d file(s) in %s cannot be used and are skipped (first: %s)",
+            s.name,
+            report.skipped,
+            s.data,
+            report.errors[0] if report.errors else "?",
+        )
     return len(images)
 
 
@@ -199,11 +207,16 @@ INSECURE_BANNER = "INSECURE SITE: --insecure sends model updates in plaintext an
 
 # Flower's own failure lines, translated for a site's IT admin.
 _FLOWER_ERRORS = (
-    (re.compile(r"Failed to activate SuperNode"), "the server did not accept this site's key: it is not registered (or was removed); "
-     "send SITE.pub to the server admin, who runs `fedlens server add-site SITE SITE.pub`. (A site restarted right after a crash "
-     "is refused the same way for about a minute, until the server notices it went away: then just start it again.)"),
-    (re.compile(r"CERTIFICATE_VERIFY_FAILED"), "the server's TLS certificate was not accepted (wrong CA, expired, or a name mismatch); "
-     "check --ca and the address you dial"),
+    (
+        re.compile(r"Failed to activate SuperNode"),
+        "the server did not accept this site's key: it is not registered (or was removed); "
+        "send SITE.pub to the server admin, who runs `fedlens server add-site SITE SITE.pub`. (A site restarted right after a crash "
+        "is refused the same way for about a minute, until the server notices it went away: then just start it again.)",
+    ),
+    (
+        re.compile(r"CERTIFICATE_VERIFY_FAILED"),
+        "the server's TLS certificate was not accepted (wrong CA, expired, or a name mismatch); check --ca and the address you dial",
+    ),
     (re.compile(r"requires a secure TLS connection"), "site authentication needs TLS: pass --ca instead of --insecure"),
 )
 
@@ -257,7 +270,7 @@ def run_supernode(s: SiteSettings) -> int:
 _EXIT = re.compile(r"Exit Code: 30\d")
 
 
-def _reason(recent: "collections.deque[str]") -> str | None:
+def _reason(recent: collections.deque[str]) -> str | None:
     text = "".join(recent)
     for pattern, message in _FLOWER_ERRORS:
         if pattern.search(text):

@@ -13,9 +13,10 @@ import fcntl
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -25,8 +26,8 @@ from flwr.serverapp.strategy import Strategy
 from fedlens.shared.averaging import ModelAverage
 from fedlens.shared.checkpoint import load_checkpoint
 from fedlens.shared.config import RUN_DIR_KEY, FedConfig
-from fedlens.shared.errors import ConfigError
 from fedlens.shared.data import load_dataset
+from fedlens.shared.errors import ConfigError
 from fedlens.shared.metrics import ClassificationReport
 from fedlens.shared.protocol import ROUND_OFFSET, RUN_ID
 from fedlens.shared.rundir import RunDir
@@ -86,9 +87,7 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
     test_data = task.prepare(test, for_training=False)
     strategy = build_strategy(cfg, rounds_done=done)
     guard = SiteGuard(strategy)
-    recorder = _RoundRecorder(
-        cfg, run, task, test_data, classes=test.classes, guard=guard, averager=averager, rounds_done=done, wall=wall
-    )
+    recorder = _RoundRecorder(cfg, run, task, test_data, classes=test.classes, guard=guard, averager=averager, rounds_done=done, wall=wall)
     if expect_sites:
         _await_sites(grid, expect_sites, wait_s=_SITE_WAIT_S)
     stopped = _run_rounds(grid, cfg, run, guard, initial, recorder.evaluate, rounds_done=done)
@@ -176,9 +175,7 @@ class _RoundRecorder:
             self.task.load_trainable(aggregate)
         return self.task.evaluate(self.test_data), unaveraged
 
-    def _record(
-        self, rnd: int, report: ClassificationReport, unaveraged: ClassificationReport | None, elapsed: float
-    ) -> dict[str, Any]:
+    def _record(self, rnd: int, report: ClassificationReport, unaveraged: ClassificationReport | None, elapsed: float) -> dict[str, Any]:
         """The round's line in ``metrics.jsonl``."""
         sites = self.guard.current
         failures = self.guard.round_failures()
@@ -211,8 +208,17 @@ class _RoundRecorder:
         averaged = f" (EMA; round's own {unaveraged.accuracy:.4f})" if unaveraged else ""
         _log.info(
             "round %d/%d  accuracy %.4f%s  macro-F1 %.4f  loss %.4f  sites %d/%d ok%s  %.0fs",
-            record["round"], self.cfg.num_rounds, report.accuracy, averaged, report.macro_f1, report.loss, ok, sampled, privacy, elapsed,
-        )  # fmt: skip
+            record["round"],
+            self.cfg.num_rounds,
+            report.accuracy,
+            averaged,
+            report.macro_f1,
+            report.loss,
+            ok,
+            sampled,
+            privacy,
+            elapsed,
+        )
 
 
 def _run_rounds(
@@ -354,7 +360,11 @@ def _summary(cfg: FedConfig, task: Task, records: list[dict[str, Any]], *, wall:
         "policy": cfg.policy,
         "strategy": cfg.strategy,
         "ema_decay": cfg.ema_decay,
-        **({"final_accuracy_unaveraged": records[-1]["server_unaveraged"]["accuracy"]} if records and "server_unaveraged" in records[-1] else {}),
+        **(
+            {"final_accuracy_unaveraged": records[-1]["server_unaveraged"]["accuracy"]}
+            if records and "server_unaveraged" in records[-1]
+            else {}
+        ),
         "dataset": cfg.dataset,
         "mode": "federated",
     }
@@ -446,7 +456,9 @@ def _claim(run: RunDir) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"another server app is running the run in {run.path}; stop it (`flwr stop RUN_ID`) before resuming") from None
+            raise ConfigError(
+                f"another server app is running the run in {run.path}; stop it (`flwr stop RUN_ID`) before resuming"
+            ) from None
         try:
             yield
         finally:
@@ -466,7 +478,9 @@ def _open_run_dir(context: Context) -> tuple[RunDir, FedConfig]:
     saved = run.config()
     if saved != run_cfg:
         diff = sorted(k for k, v in saved.to_dict().items() if run_cfg.to_dict()[k] != v)
-        raise ConfigError(f"{run.path} holds a run with a different config ({', '.join(diff)}); resume it with its own config.toml or pick a new folder")
+        raise ConfigError(
+            f"{run.path} holds a run with a different config ({', '.join(diff)}); resume it with its own config.toml or pick a new folder"
+        )
     if run.status().get("status") == "finished":
         raise ConfigError(f"{run.path} holds a finished run; pick a new folder")
     done = run.prepare_resume()

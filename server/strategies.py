@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
@@ -30,9 +30,7 @@ def _sampling(cfg: FedConfig) -> dict[str, object]:
 STRATEGIES: dict[str, Callable[[FedConfig], Strategy]] = {
     "fedavg": lambda cfg: FedAvg(**_sampling(cfg)),
     # Server momentum over the averaged updates (under DP-SGD it cost a point here: docs/privacy.md).
-    "fedavgm": lambda cfg: FedAvgM(
-        **_sampling(cfg), server_learning_rate=cfg.server_learning_rate(), server_momentum=cfg.server_momentum
-    ),
+    "fedavgm": lambda cfg: FedAvgM(**_sampling(cfg), server_learning_rate=cfg.server_learning_rate(), server_momentum=cfg.server_momentum),
     # FedProx only sends `proximal-mu`; the site applies the proximal step.
     "fedprox": lambda cfg: FedProx(**_sampling(cfg), proximal_mu=cfg.proximal_mu),
     "fedadam": lambda cfg: FedAdam(**_sampling(cfg), eta=cfg.server_learning_rate(), eta_l=cfg.lr),

@@ -13,16 +13,25 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
 __all__ = [
-    "FedConfig", "load_config", "parse_overrides", "parse_site_budgets", "config_keys",
-    "check_epsilon_delta", "policy_parts", "augment_names", "AUGMENTS", "DEFAULT_DELTA",
-]  # fmt: skip
+    "FedConfig",
+    "load_config",
+    "parse_overrides",
+    "parse_site_budgets",
+    "config_keys",
+    "check_epsilon_delta",
+    "policy_parts",
+    "augment_names",
+    "AUGMENTS",
+    "DEFAULT_DELTA",
+]
 
 DATASETS = ("fashion-mnist", "folder", "npz")
 PARTITIONS = ("iid", "dirichlet", "pathological", "quantity")
@@ -55,7 +64,9 @@ class FedConfig:
     # --- data ---------------------------------------------------------------
     dataset: str = _opt("fashion-mnist", "data source", DATASETS)
     data_path: str = _opt("", "folder (ImageFolder layout) or .npz file; for fashion-mnist, a folder with the idx files")
-    test_fraction: float = _opt(0.2, "folder/npz: stratified share the server keeps as held-out test set (fashion-mnist uses its own test split)")
+    test_fraction: float = _opt(
+        0.2, "folder/npz: stratified share the server keeps as held-out test set (fashion-mnist uses its own test split)"
+    )
     site_eval_fraction: float = _opt(0.1, "share of each site's images kept for federated evaluation at the site")
     max_train_images: int = _opt(0, "use at most this many training images, stratified (0 = all); for quick trials")
     max_test_images: int = _opt(0, "use at most this many test images, stratified (0 = all)")
@@ -73,16 +84,24 @@ class FedConfig:
     fraction_evaluate: float = _opt(1.0, "share of sites sampled for federated evaluation, in [0, 1]")
     min_sites: int = _opt(2, "minimum sites per round (training and evaluation)")
     proximal_mu: float = _opt(0.01, "fedprox: weight of the proximal term")
-    server_lr: float = _opt(0.0, "fedavgm/fedadam/fedyogi: server learning rate (0 = the strategy's usual value: fedavgm 1.0, fedadam/fedyogi 0.01)")
+    server_lr: float = _opt(
+        0.0, "fedavgm/fedadam/fedyogi: server learning rate (0 = the strategy's usual value: fedavgm 1.0, fedadam/fedyogi 0.01)"
+    )
     server_momentum: float = _opt(0.9, "fedavgm: server momentum, in [0, 1)")
-    ema_decay: float = _opt(0.0, "publish an exponential moving average of the rounds' global models with this decay, in [0, 1) (0 = off); post-processing: costs no privacy")
+    ema_decay: float = _opt(
+        0.0,
+        "publish an exponential moving average of the rounds' global models with this decay, in [0, 1) (0 = off); post-processing: costs no privacy",
+    )
     trim_beta: float = _opt(0.2, "fedtrimmedavg: share trimmed at each end, in [0, 0.5)")
     krum_byzantine: int = _opt(0, "krum: number of malicious sites to tolerate")
     round_timeout: float = _opt(3600.0, "seconds to wait for sites in one round")
     # --- model ----------------------------------------------------------------
     backbone: str = _opt("efficientnet-lite0", "registered backbone name")
     pretrained: bool = _opt(True, "start from ImageNet weights (false = random, logged loudly)")
-    weights_path: str = _opt("", "local weights file instead of the backbone's default source (for efficientnet-lite0: a copy of the published checkpoint, hash-checked)")
+    weights_path: str = _opt(
+        "",
+        "local weights file instead of the backbone's default source (for efficientnet-lite0: a copy of the published checkpoint, hash-checked)",
+    )
     # last-1 = Lite0's 1x1 head convolution + classifier: 1/8 of the model's bytes
     # travel, it is cheap under DP-SGD, and it beats a linear probe by ~4 points.
     policy: str = _opt("last-1", "fine-tune policy: head, last-N or full")
@@ -104,7 +123,9 @@ class FedConfig:
     lr: float = _opt(0.5, "site learning rate")
     lr_decay: float = _opt(0.9, "multiply the site learning rate by this after every round, in (0, 1]")
     momentum: float = _opt(0.9, "SGD momentum, in [0, 1)")
-    adam_eps: float = _opt(1e-8, "Adam's epsilon; under DP-SGD a value near the noise level (1e-3 to 1e-2) keeps Adam from amplifying noise")
+    adam_eps: float = _opt(
+        1e-8, "Adam's epsilon; under DP-SGD a value near the noise level (1e-3 to 1e-2) keeps Adam from amplifying noise"
+    )
     weight_decay: float = _opt(0.0, "L2 weight decay of the site optimiser")
     # --- privacy: sample-level DP-SGD at every site ------------------------------
     dp: bool = _opt(True, "train with DP-SGD at every site (false = NOT private, said loudly)")
@@ -112,13 +133,22 @@ class FedConfig:
     delta: float = _opt(DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee; keep it well below 1/(images per site)")
     max_grad_norm: float = _opt(1.0, "per-example gradient clipping bound C of DP-SGD")
     accountant: str = _opt("rdp", "privacy accountant", ACCOUNTANTS)
-    dp_mode: str = _opt("auto", "per-example gradient method: auto picks book-keeping when the trainable part allows it, else hooks", DP_MODES)
-    dp_reproducible: bool = _opt(False, "seed DP noise and sampling from the run config (repeatable experiments; whoever knows the config can rebuild the noise, so such runs are reported as NOT private)")
-    secure_rng: bool = _opt(False, "cryptographically secure noise and sampling (Opacus secure_mode; needs torchcsprng); use for production runs")
+    dp_mode: str = _opt(
+        "auto", "per-example gradient method: auto picks book-keeping when the trainable part allows it, else hooks", DP_MODES
+    )
+    dp_reproducible: bool = _opt(
+        False,
+        "seed DP noise and sampling from the run config (repeatable experiments; whoever knows the config can rebuild the noise, so such runs are reported as NOT private)",
+    )
+    secure_rng: bool = _opt(
+        False, "cryptographically secure noise and sampling (Opacus secure_mode; needs torchcsprng); use for production runs"
+    )
     site_max_epsilon: float = _opt(0.0, "simulation: each simulated site's own epsilon budget (0 = target-epsilon)")
-    site_budgets: str = _opt("", "simulation: per-site budgets overriding site-max-epsilon, e.g. \"site-0=2,site-3=0.5\"")
+    site_budgets: str = _opt("", 'simulation: per-site budgets overriding site-max-epsilon, e.g. "site-0=2,site-3=0.5"')
     # --- privacy: user-level (central) DP and secure aggregation -------------------
-    central_dp: str = _opt("off", "user-level DP via Flower's wrappers: server clips, or sites clip (server adds noise either way)", CENTRAL_DP)
+    central_dp: str = _opt(
+        "off", "user-level DP via Flower's wrappers: server clips, or sites clip (server adds noise either way)", CENTRAL_DP
+    )
     central_noise: float = _opt(1.0, "central DP noise multiplier (std = noise x clip-norm over the summed updates)")
     central_clip: float = _opt(1.0, "central DP clipping bound on each site's model update (L2)")
     central_epsilon: float = _opt(10.0, "central DP budget: the run stops before a round would exceed it")
@@ -143,7 +173,7 @@ class FedConfig:
 
     # ---- construction -------------------------------------------------------
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, base: "FedConfig | None" = None) -> "FedConfig":
+    def from_mapping(cls, values: Mapping[str, Any], *, base: FedConfig | None = None) -> FedConfig:
         """Build from kebab-case keys on top of ``base`` (default: the defaults).
 
         Raises
@@ -161,13 +191,11 @@ class FedConfig:
                 continue
             updates[name] = value
         if unknown:
-            raise ConfigError(
-                f"unknown config key(s): {', '.join(sorted(unknown))}. Valid keys: {', '.join(config_keys())}"
-            )
+            raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}. Valid keys: {', '.join(config_keys())}")
         return dataclasses.replace(base or cls(), **updates)
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FedConfig:
         """Build from Flower's run config, ignoring the app-wiring keys (``out-dir``)."""
         return cls.from_mapping({k: v for k, v in run_config.items() if k not in APP_KEYS})
 
@@ -216,7 +244,7 @@ def _toml_value(value: Any) -> str:
 
 def _check_types(cfg: FedConfig) -> None:
     for f in dataclasses.fields(cfg):
-        key, value, expected = f.name.replace("_", "-"), getattr(cfg, f.name), f.type
+        key, value, expected = f.name.replace("_", "-"), getattr(cfg, f.name), str(f.type)
         if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(cfg, f.name, float(value))
             continue
@@ -284,7 +312,7 @@ def _check_ranges(cfg: FedConfig) -> None:
     if cfg.secagg:
         need(
             cfg.strategy == "fedavg",
-            f"`secagg = true` needs `strategy = \"fedavg\"`: the server only sees the sum of updates, "
+            f'`secagg = true` needs `strategy = "fedavg"`: the server only sees the sum of updates, '
             f"so {cfg.strategy!r} (which looks at individual updates or keeps optimiser state) cannot run",
         )
         need(
@@ -364,7 +392,7 @@ def parse_site_budgets(text: str) -> dict[str, float]:
         except ValueError:
             epsilon = float("nan")
         if not epsilon > 0:
-            raise ConfigError(f"`site-budgets` item {item!r} is not SITE=EPSILON with epsilon > 0 (e.g. \"site-0=2,site-3=0.5\")")
+            raise ConfigError(f'`site-budgets` item {item!r} is not SITE=EPSILON with epsilon > 0 (e.g. "site-0=2,site-3=0.5")')
         out[site.strip()] = epsilon
     return out
 

@@ -41,7 +41,7 @@ class RunDir:
 
     # ---- creation and resume -----------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, cfg: FedConfig) -> "RunDir":
+    def create(cls, path: str | Path, cfg: FedConfig) -> RunDir:
         """Start a new run in ``path`` (which must not already hold one).
 
         Raises
@@ -51,9 +51,7 @@ class RunDir:
         """
         run = cls(path)
         if (run.path / CONFIG_FILE).exists():
-            raise ConfigError(
-                f"{run.path} already holds a run; continue it with `--resume {run.path}` or pass another `--out`"
-            )
+            raise ConfigError(f"{run.path} already holds a run; continue it with `--resume {run.path}` or pass another `--out`")
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.path / CONFIG_FILE, cfg.to_toml())
         atomic_write_text(run.path / RUN_ID_FILE, uuid.uuid4().hex + "\n")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import zlib
-from pathlib import Path
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +26,6 @@ from .data import (
     parse_augment,
     stratified_split,
 )
-from .privacy.dpsgd import DPSGD, PlainStepper, Stepper
 from .metrics import ClassificationReport, classification_report
 from .models import (
     FedModel,
@@ -41,6 +40,7 @@ from .models import (
     train_mode,
     trainable_state_dict,
 )
+from .privacy.dpsgd import DPSGD, PlainStepper, Stepper
 
 __all__ = ["Task", "LocalData", "TrainStats", "resolve_device", "local_split", "local_split_indices", "site_seed"]
 
@@ -74,7 +74,7 @@ class LocalData:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, indices: torch.Tensor) -> "LocalData":
+    def subset(self, indices: torch.Tensor) -> LocalData:
         return LocalData(self.inputs[indices], self.labels[indices], self.start, self.num_classes)
 
 

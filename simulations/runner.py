@@ -12,16 +12,13 @@ import numpy as np
 
 from fedlens.shared.config import FedConfig
 from fedlens.shared.data import load_dataset
+from fedlens.shared.data.partition import class_counts, partition
 from fedlens.shared.errors import FedlensError
-from fedlens.shared.rundir import SITES_DIR, RunDir
-from fedlens.shared.task import Task
-
 from fedlens.shared.privacy import check_privacy_params
 from fedlens.shared.privacy.dpsgd import INSECURE_RNG_WARNING, sample_rate_for, secure_generator
-from fedlens.shared.task import local_split_indices
-
-from fedlens.shared.data.partition import class_counts, partition
 from fedlens.shared.protocol import FLOWER_ENV
+from fedlens.shared.rundir import SITES_DIR, RunDir
+from fedlens.shared.task import Task, local_split_indices
 
 __all__ = ["simulate", "centralized", "SimulationFailed", "quiet_flower"]
 
@@ -88,7 +85,7 @@ def _check_privacy(cfg: FedConfig, labels: np.ndarray, sites: list[np.ndarray]) 
     else:
         _log.warning("%s", INSECURE_RNG_WARNING)
     smallest = None
-    for i, idx in enumerate(sites):
+    for idx in sites:
         rest, _held = local_split_indices(labels[idx], cfg.site_eval_fraction, seed=cfg.seed)
         sample_rate_for(cfg.batch_size, len(rest))  # raises for a site no larger than a batch
         smallest = len(rest) if smallest is None else min(smallest, len(rest))
@@ -96,9 +93,12 @@ def _check_privacy(cfg: FedConfig, labels: np.ndarray, sites: list[np.ndarray]) 
         _log.warning("smallest site: %s", warning)
     _log.info(
         "DP-SGD at every site: target epsilon %g, delta %g, clipping %g, %s accountant; per-site budgets %s",
-        cfg.target_epsilon, cfg.delta, cfg.max_grad_norm, cfg.accountant,
+        cfg.target_epsilon,
+        cfg.delta,
+        cfg.max_grad_norm,
+        cfg.accountant,
         cfg.site_budgets or f"{cfg.site_max_epsilon or cfg.target_epsilon:g} each",
-    )  # fmt: skip
+    )
 
 
 def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
@@ -126,8 +126,16 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
     if not resume:
         run = RunDir.create(out, cfg)  # only once data and partition are known to be valid
     counts = class_counts(train.labels.numpy(), sites, train.num_classes)
-    run.write_json("partitions.json", {"partition": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
-                                       "classes": list(train.classes), "class_counts": {f"site-{i}": c for i, c in enumerate(counts)}})  # fmt: skip
+    run.write_json(
+        "partitions.json",
+        {
+            "partition": cfg.partition,
+            "alpha": cfg.alpha,
+            "seed": cfg.seed,
+            "classes": list(train.classes),
+            "class_counts": {f"site-{i}": c for i, c in enumerate(counts)},
+        },
+    )
     _log_partitions(cfg, counts, train.classes)
     _check_privacy(cfg, train.labels.numpy(), sites)
     prep = time.monotonic()
@@ -200,10 +208,24 @@ def centralized(cfg: FedConfig, out: str | Path) -> dict[str, Any]:
         stats = task.train(train_data, epochs=1, seed=cfg.seed * 1000 + epoch, lr=task.round_lr(rnd))
         report = task.evaluate(test_data)
         elapsed = time.monotonic() - started
-        run.record_round({"round": epoch, "elapsed_s": round(elapsed, 2), "server": report.to_dict(),
-                          "train": {"train-loss": stats.loss, "train-accuracy": stats.accuracy}})  # fmt: skip
+        run.record_round(
+            {
+                "round": epoch,
+                "elapsed_s": round(elapsed, 2),
+                "server": report.to_dict(),
+                "train": {"train-loss": stats.loss, "train-accuracy": stats.accuracy},
+            }
+        )
         run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=epoch)
-        _log.info("epoch %d/%d  accuracy %.4f  macro-F1 %.4f  loss %.4f  %.0fs", epoch, epochs, report.accuracy, report.macro_f1, report.loss, elapsed)
+        _log.info(
+            "epoch %d/%d  accuracy %.4f  macro-F1 %.4f  loss %.4f  %.0fs",
+            epoch,
+            epochs,
+            report.accuracy,
+            report.macro_f1,
+            report.loss,
+            elapsed,
+        )
     last = run.records()[-1]["server"]
     summary = {
         "final_accuracy": last["accuracy"],

@@ -18,8 +18,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Repository folder -> the sub-package of `fedlens` it installs as.
-PACKAGES = {"shared": "fedlens.shared", "client": "fedlens.client", "server": "fedlens.server",
-            "simulations": "fedlens.simulations", "ops": "fedlens.ops"}  # fmt: skip
+PACKAGES = {
+    "shared": "fedlens.shared",
+    "client": "fedlens.client",
+    "server": "fedlens.server",
+    "simulations": "fedlens.simulations",
+    "ops": "fedlens.ops",
+}
 # Which packages each one may import (itself included).
 ALLOWED = {
     "fedlens.shared": {"fedlens.shared"},
@@ -104,7 +109,9 @@ def test_packages_import_only_downwards(module):
     own = _layer(module)
     bad = sorted(t for t in GRAPH[module] if (layer := _layer(t)) and layer not in ALLOWED[own])
     assert not bad, f"{module} ({own}) must not import {bad}: see docs/architecture.md for which layer may import which"
-    foreign = sorted(t for t in GRAPH[module] if t.split(".")[0] in ("tests", "benchmarks", "shared", "client", "server", "simulations", "ops"))
+    foreign = sorted(
+        t for t in GRAPH[module] if t.split(".")[0] in ("tests", "benchmarks", "shared", "client", "server", "simulations", "ops")
+    )
     assert not foreign, f"{module} imports {foreign}: import fedlens.<package>, never tests, benchmarks or bare top-level names"
     if own == "fedlens.shared":
         flower = sorted(t for t in GRAPH[module] if t.split(".")[0] in NOT_IN_CORE)
@@ -153,5 +160,7 @@ def test_every_package_folder_is_installed():
     tool = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
     listed = set(tool["packages"])
     found = {_module_name(p.parent / "__init__.py") for folder in PACKAGES for p in (REPO / folder).rglob("__init__.py")}
-    assert found == listed, f"pyproject.toml [tool.setuptools] packages differs from the package folders: missing {sorted(found - listed)}, stale {sorted(listed - found)}"
+    assert found == listed, (
+        f"pyproject.toml [tool.setuptools] packages differs from the package folders: missing {sorted(found - listed)}, stale {sorted(listed - found)}"
+    )
     assert tool["package-dir"] == {pkg: folder for folder, pkg in PACKAGES.items()}

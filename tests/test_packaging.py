@@ -27,8 +27,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     skip = shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".*_cache", "test-artifacts")
     shutil.copytree(REPO, source, ignore=skip)
     # No build isolation: the build must not need the network (setuptools is in the environment).
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = out.glob("fedlens-*.whl")
     return path
@@ -50,15 +54,22 @@ def test_installed_wheel_runs_beside_an_unrelated_client_package(wheel: Path, tm
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+    purelib = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     # The pinned stack (torch, Flower, ...) comes from this environment, as plain paths: its
     # editable fedlens hook is not processed there, so fedlens can only come from the wheel.
     (purelib / "stack.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     (purelib / "client").mkdir()
     (purelib / "client" / "__init__.py").write_text('NAME = "unrelated client package"\n')
-    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     probe = "import client, fedlens.client.app, fedlens.shared; print(client.NAME); print(fedlens.shared.__file__)"
@@ -68,8 +79,24 @@ def test_installed_wheel_runs_beside_an_unrelated_client_package(wheel: Path, tm
     assert name == "unrelated client package"
     assert Path(location).is_relative_to(purelib), f"fedlens imported from {location}, not from the wheel"
 
-    run = subprocess.run([str(venv / "bin" / "fedlens"), "simulate", "--experiment", "smoke", "--set", f"cache-dir={cache_dir!r}",
-                          "--set", "report-per-class=0", "--out", str(tmp_path / "run")],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=900, env=flower_env())  # fmt: skip
+    run = subprocess.run(
+        [
+            str(venv / "bin" / "fedlens"),
+            "simulate",
+            "--experiment",
+            "smoke",
+            "--set",
+            f"cache-dir={cache_dir!r}",
+            "--set",
+            "report-per-class=0",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=flower_env(),
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "final accuracy" in run.stdout and (tmp_path / "run" / "summary.json").is_file()

@@ -61,7 +61,7 @@ class ImageSet:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def subset(self, indices: np.ndarray | torch.Tensor | list[int], name: str | None = None) -> "ImageSet":
+    def subset(self, indices: np.ndarray | torch.Tensor | list[int], name: str | None = None) -> ImageSet:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return ImageSet(self.images[idx], self.labels[idx], self.classes, name or self.name)
 

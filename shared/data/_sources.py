@@ -28,9 +28,17 @@ _log = logging.getLogger(f"fedlens.{__name__}")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 # Debian's dataset-fashion-mnist package installs the original idx files here.
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
@@ -160,9 +168,7 @@ def load_fashion_mnist(data_path: str | None = None, *, download_root: str | Non
             _log.debug("Fashion-MNIST read from %s", folder)
             return _fmnist_set(arrays[0], arrays[1], "fashion-mnist-train"), _fmnist_set(arrays[2], arrays[3], "fashion-mnist-test")
     if data_path:
-        raise DataError(
-            f"Fashion-MNIST idx files (train-images-idx3-ubyte[.gz] and three more) are not in {data_path}"
-        )
+        raise DataError(f"Fashion-MNIST idx files (train-images-idx3-ubyte[.gz] and three more) are not in {data_path}")
     if download_root is None:
         raise DataError(_FMNIST_HELP)
     try:
@@ -214,7 +220,9 @@ def load_npz(path: str | Path) -> ImageSet:
         raise DataError(f"cannot read {path} as a numpy .npz file ({exc})") from exc
     splits = [s for s in ("train", "val", "test") if f"{s}_images" in arrays]
     if not splits:
-        raise DataError(f"{path} has no '<split>_images' arrays (found: {', '.join(sorted(arrays)) or 'nothing'}); expected MedMNIST layout")
+        raise DataError(
+            f"{path} has no '<split>_images' arrays (found: {', '.join(sorted(arrays)) or 'nothing'}); expected MedMNIST layout"
+        )
     images, labels = [], []
     for split in splits:
         x, key = arrays[f"{split}_images"], f"{split}_labels"

@@ -6,7 +6,7 @@ arrays`` registered by name; adding one means adding a function, not an ``if``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -74,8 +74,7 @@ def _pathological(labels: np.ndarray, num_sites: int, rng: np.random.Generator, 
         raise ConfigError(f"`classes-per-site` = {k} but the data has only {len(classes)} classes")
     if num_sites * k < len(classes):
         raise ConfigError(
-            f"{num_sites} sites x {k} classes per site cannot cover all {len(classes)} classes; "
-            "raise `classes-per-site` or `num-sites`"
+            f"{num_sites} sites x {k} classes per site cannot cover all {len(classes)} classes; raise `classes-per-site` or `num-sites`"
         )
     holders: dict[int, list[int]] = {int(c): [] for c in classes}
     for site in range(num_sites):

@@ -9,8 +9,8 @@ the noise of SmoothGrad comes from a fixed seed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -72,9 +72,15 @@ def _integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tenso
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(o.seed)
             attr = NoiseTunnel(ig).attribute(
-                x, target=target, nt_type="smoothgrad", nt_samples=o.smoothgrad_samples, nt_samples_batch_size=o.internal_batch_size,
-                stdevs=o.smoothgrad_stdev, n_steps=o.ig_steps, internal_batch_size=o.internal_batch_size,
-            )  # fmt: skip
+                x,
+                target=target,
+                nt_type="smoothgrad",
+                nt_samples=o.smoothgrad_samples,
+                nt_samples_batch_size=o.internal_batch_size,
+                stdevs=o.smoothgrad_stdev,
+                n_steps=o.ig_steps,
+                internal_batch_size=o.internal_batch_size,
+            )
     else:
         attr = ig.attribute(x, target=target, n_steps=o.ig_steps, internal_batch_size=o.internal_batch_size)
     return _to_map(attr)
@@ -83,7 +89,7 @@ def _integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tenso
 def _grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor, o: MethodOptions) -> torch.Tensor:
     from captum.attr import LayerAttribution, LayerGradCam
 
-    layer = model.last_conv_stage  # type: ignore[attr-defined]
+    layer = model.last_conv_stage
     cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=False).detach()
     # Relative map: the textbook ReLU keeps only locations with net positive evidence, and on a
     # fine-tuned head the per-location evidence is often negative everywhere (the class wins
@@ -101,9 +107,13 @@ def _occlusion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, o: Metho
     window = o.occlusion_window or max(2, side // 6)
     stride = window  # non-overlapping patches: 36 forward passes per image
     attr = Occlusion(model).attribute(
-        x, target=target, sliding_window_shapes=(int(x.shape[1]), window, window), strides=(int(x.shape[1]), stride, stride),
-        baselines=0.0, perturbations_per_eval=max(1, 256 // len(x)),  # <= 256 images per forward pass
-    )  # fmt: skip
+        x,
+        target=target,
+        sliding_window_shapes=(int(x.shape[1]), window, window),
+        strides=(int(x.shape[1]), stride, stride),
+        baselines=0.0,
+        perturbations_per_eval=max(1, 256 // len(x)),  # <= 256 images per forward pass
+    )
     # Occlusion credits the drop in the target score; only drops mean "this mattered".
     return attr.detach().sum(dim=1).clamp_min(0).float()
 
@@ -114,14 +124,26 @@ def _saliency(model: nn.Module, x: torch.Tensor, target: torch.Tensor, o: Method
     return _to_map(Saliency(model).attribute(x, target=target, abs=True))
 
 
-_register(Method("integrated-gradients", "Integrated Gradients",
-                 "sums the model's sensitivity along a path from a blank image to this one", _integrated_gradients))  # fmt: skip
-_register(Method("grad-cam", "Grad-CAM", "which regions of the last feature maps weigh most for the class, relative to the rest (coarse)", _grad_cam))
+_register(
+    Method(
+        "integrated-gradients",
+        "Integrated Gradients",
+        "sums the model's sensitivity along a path from a blank image to this one",
+        _integrated_gradients,
+    )
+)
+_register(
+    Method(
+        "grad-cam", "Grad-CAM", "which regions of the last feature maps weigh most for the class, relative to the rest (coarse)", _grad_cam
+    )
+)
 _register(Method("occlusion", "Occlusion", "how much the score drops when a patch is covered", _occlusion))
 _register(Method("saliency", "Saliency", "how strongly each pixel changes the score (raw gradient)", _saliency))
 
 
-def attribute(method: str, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, options: MethodOptions | None = None) -> torch.Tensor:
+def attribute(
+    method: str, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, options: MethodOptions | None = None
+) -> torch.Tensor:
     """Maps ``[N, H, W]`` of ``method`` for ``targets`` (class indices), in batches.
 
     Parameters

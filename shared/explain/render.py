@@ -68,10 +68,10 @@ def _overlays(images: torch.Tensor, maps: dict[str, torch.Tensor]) -> list[dict[
     cmap = colormaps["inferno"]
     size = next(iter(maps.values())).shape[-2:] if maps else images.shape[-2:]
     base = torch.nn.functional.interpolate(images.float(), size=tuple(size), mode="bilinear", align_corners=False)
-    base = (base.mean(1) if base.shape[1] != 1 else base[:, 0]).clamp(0, 255).numpy() / 255.0
+    unit = (base.mean(1) if base.shape[1] != 1 else base[:, 0]).clamp(0, 255).numpy() / 255.0
     out = []
     for i in range(len(images)):
-        grey = np.repeat(base[i][..., None], 3, axis=2)
+        grey = np.repeat(unit[i][..., None], 3, axis=2)
         row = {"image": _img((grey * 255).astype(np.uint8))}
         for name, m in maps.items():
             heat = m[i].numpy()
@@ -148,25 +148,40 @@ def render_html(report: dict[str, Any], images: torch.Tensor, maps: dict[str, to
     e = html.escape
     card, perf, trust = report["model"], report["performance"], report["trust"]
     classes = perf["classes"]
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fedlens report: {e(card['backbone'])}</title>",
-             f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>"]  # fmt: skip
-    parts.append(f"<h1>Explainability report</h1><p class='muted'>{e(str(card['file']))} on {e(report['data']['source'])} "
-                 f"({report['data']['images']} images) · generated in __SECONDS__ s <span id='status'></span></p>")  # fmt: skip
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fedlens report: {e(card['backbone'])}</title>",
+        f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>",
+    ]
+    parts.append(
+        f"<h1>Explainability report</h1><p class='muted'>{e(str(card['file']))} on {e(report['data']['source'])} "
+        f"({report['data']['images']} images) · generated in __SECONDS__ s <span id='status'></span></p>"
+    )
 
     parts.append("<h2>How to read this report</h2><div class='card howto'><ul>")
-    parts += [f"<li>{t}</li>" for t in (
-        "<b>Performance</b> says how often the model is right on these images, overall and per class. The grid shows which classes it confuses: the darker a square off the diagonal, the more often the row's class is taken for the column's.",
-        "<b>Heat maps</b> show which parts of an image the model relied on for its answer: bright = mattered more. Look for whether the bright areas are where the evidence should be (the lesion, the product), not on borders, labels, rulers or background.",
-        "The four methods look at the model differently and often disagree. Trust the ones with a <span class='ok'>good faithfulness score</span> and <b>no red flag</b> in the table below.",
-        "A <span class='flag'>flag</span> means the method draws almost the same map for a model that learnt nothing (random weights). Its maps then show the image's edges, not the model's reasoning: do not use them to judge the model.",
-        "Misclassified examples (pink rows) are shown on purpose: a heat map on the wrong region is a hint of what misled the model.",
-        "Heat maps explain one model's answer; they are not a diagnosis and do not prove the model is right.",
-    )]  # fmt: skip
+    parts += [
+        f"<li>{t}</li>"
+        for t in (
+            "<b>Performance</b> says how often the model is right on these images, overall and per class. The grid shows which classes it confuses: the darker a square off the diagonal, the more often the row's class is taken for the column's.",
+            "<b>Heat maps</b> show which parts of an image the model relied on for its answer: bright = mattered more. Look for whether the bright areas are where the evidence should be (the lesion, the product), not on borders, labels, rulers or background.",
+            "The four methods look at the model differently and often disagree. Trust the ones with a <span class='ok'>good faithfulness score</span> and <b>no red flag</b> in the table below.",
+            "A <span class='flag'>flag</span> means the method draws almost the same map for a model that learnt nothing (random weights). Its maps then show the image's edges, not the model's reasoning: do not use them to judge the model.",
+            "Misclassified examples (pink rows) are shown on purpose: a heat map on the wrong region is a hint of what misled the model.",
+            "Heat maps explain one model's answer; they are not a diagnosis and do not prove the model is right.",
+        )
+    ]
     parts.append("</ul></div>")
 
     parts.append("<h2>Model card</h2><table>")
-    rows = [("backbone", card["backbone"]), ("weights", card["weights"]), ("fine-tuned part", f"{card['policy']} (low-rank adapters r={card['lora_rank']})" if card["lora_rank"] else card["policy"]),
-            ("rounds", card["rounds"]), ("sites", card["sites"]), ("strategy", card["strategy"]), ("training data", card["dataset"]), ("image size", f"{card['image_size']} px")]  # fmt: skip
+    rows = [
+        ("backbone", card["backbone"]),
+        ("weights", card["weights"]),
+        ("fine-tuned part", f"{card['policy']} (low-rank adapters r={card['lora_rank']})" if card["lora_rank"] else card["policy"]),
+        ("rounds", card["rounds"]),
+        ("sites", card["sites"]),
+        ("strategy", card["strategy"]),
+        ("training data", card["dataset"]),
+        ("image size", f"{card['image_size']} px"),
+    ]
     if card["private"] is None:
         rows.append(("privacy", "unknown (no privacy record next to this model: summary.json missing or older than DP support)"))
     elif card["private"]:
@@ -177,37 +192,65 @@ def render_html(report: dict[str, Any], images: torch.Tensor, maps: dict[str, to
     parts.append("</table>")
     if card.get("site_privacy"):
         parts.append("<table><tr><th class='l'>site</th><th>epsilon spent</th><th>delta</th></tr>")
-        parts += [f"<tr><td class='l'>{e(s)}</td><td>{v['epsilon']:.3f}</td><td>{v['delta']:.1e}</td></tr>" for s, v in card["site_privacy"].items()]
+        parts += [
+            f"<tr><td class='l'>{e(s)}</td><td>{v['epsilon']:.3f}</td><td>{v['delta']:.1e}</td></tr>"
+            for s, v in card["site_privacy"].items()
+        ]
         parts.append("</table>")
 
     parts.append("<h2>Performance</h2>")
-    parts.append(f"<p>accuracy <b>{_fmt(perf['accuracy'])}</b> · macro precision {_fmt(perf['macro_precision'])} · macro recall "
-                 f"{_fmt(perf['macro_recall'])} · macro F1 <b>{_fmt(perf['macro_f1'])}</b> · macro ROC-AUC {_fmt(perf['roc_auc_macro'])}. "
-                 f"Hardest classes (lowest F1): {e(', '.join(perf['hardest_classes']))}.</p>")  # fmt: skip
+    parts.append(
+        f"<p>accuracy <b>{_fmt(perf['accuracy'])}</b> · macro precision {_fmt(perf['macro_precision'])} · macro recall "
+        f"{_fmt(perf['macro_recall'])} · macro F1 <b>{_fmt(perf['macro_f1'])}</b> · macro ROC-AUC {_fmt(perf['roc_auc_macro'])}. "
+        f"Hardest classes (lowest F1): {e(', '.join(perf['hardest_classes']))}.</p>"
+    )
     parts.append("<table><tr><th class='l'>class</th><th>images</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th></tr>")
     for c, name in enumerate(classes):
-        parts.append(f"<tr><td class='l'>{e(name)}</td><td>{perf['support'][c]}</td><td>{_fmt(perf['precision'][c])}</td><td>{_fmt(perf['recall'][c])}</td>"
-                     f"<td>{_fmt(perf['f1'][c])}</td><td>{_fmt(perf['roc_auc'][c])}</td></tr>")  # fmt: skip
+        parts.append(
+            f"<tr><td class='l'>{e(name)}</td><td>{perf['support'][c]}</td><td>{_fmt(perf['precision'][c])}</td><td>{_fmt(perf['recall'][c])}</td>"
+            f"<td>{_fmt(perf['f1'][c])}</td><td>{_fmt(perf['roc_auc'][c])}</td></tr>"
+        )
     parts.append("</table>")
-    parts.append(f"<div class='row'><figure>{_tag(_confusion(perf['confusion'], classes), 'confusion matrix').replace('<img ', '<img style=width:auto;height:auto ')}<figcaption>confusion matrix (rows: true class)</figcaption></figure>")
+    parts.append(
+        f"<div class='row'><figure>{_tag(_confusion(perf['confusion'], classes), 'confusion matrix').replace('<img ', '<img style=width:auto;height:auto ')}<figcaption>confusion matrix (rows: true class)</figcaption></figure>"
+    )
     if perf["roc"]:
-        parts.append(f"<figure>{_tag(_roc(perf['roc']), 'ROC curves').replace('<img ', '<img style=width:auto;height:auto ')}<figcaption>one-vs-rest ROC curves</figcaption></figure>")
+        parts.append(
+            f"<figure>{_tag(_roc(perf['roc']), 'ROC curves').replace('<img ', '<img style=width:auto;height:auto ')}<figcaption>one-vs-rest ROC curves</figcaption></figure>"
+        )
     parts.append("</div>")
 
     parts.append("<h2>How far to trust each method</h2>")
-    parts.append("<p>Faithfulness: how much faster the predicted class's probability falls when the pixels a method ranks highest are removed, and recovers when only they are kept, than with a random ranking (0 = no better than chance). "
-                 "Randomisation check: rank correlation between the maps of this model and of the same network with random weights (Adebayo et al., 2018); "
-                 f"at or above {trust['sanity_flag_at']} the method is flagged.</p>")  # fmt: skip
-    parts.append("<table><tr><th class='l'>method</th><th>faithfulness</th><th>deletion AUC</th><th>insertion AUC</th><th>randomisation ρ</th><th class='l'>verdict</th></tr>")
+    parts.append(
+        "<p>Faithfulness: how much faster the predicted class's probability falls when the pixels a method ranks highest are removed, and recovers when only they are kept, than with a random ranking (0 = no better than chance). "
+        "Randomisation check: rank correlation between the maps of this model and of the same network with random weights (Adebayo et al., 2018); "
+        f"at or above {trust['sanity_flag_at']} the method is flagged.</p>"
+    )
+    parts.append(
+        "<table><tr><th class='l'>method</th><th>faithfulness</th><th>deletion AUC</th><th>insertion AUC</th><th>randomisation ρ</th><th class='l'>verdict</th></tr>"
+    )
     for name, t in trust["methods"].items():
-        verdict = "<span class='flag'>flagged: maps barely depend on the model</span>" if t["flagged"] else (
-            "<span class='ok'>passes</span>" if t["faithfulness"] > 0 else "no better than chance")  # fmt: skip
-        parts.append(f"<tr><td class='l'>{e(report['methods'][name]['title'])}</td><td>{t['faithfulness']:+.3f}</td><td>{t['deletion_auc']:.3f}</td>"
-                     f"<td>{t['insertion_auc']:.3f}</td><td>{_fmt(t['randomisation_rank_correlation'], 2)}</td><td class='l'>{verdict}</td></tr>")  # fmt: skip
-    parts.append(f"</table><p class='muted'>chance level: deletion AUC {trust['chance']['deletion_auc']:.3f}, insertion AUC {trust['chance']['insertion_auc']:.3f}</p>")
-    parts.append(f"<figure>{_tag(_curves(trust), 'deletion and insertion curves').replace('<img ', '<img style=width:auto;height:auto ')}</figure>")
+        verdict = (
+            "<span class='flag'>flagged: maps barely depend on the model</span>"
+            if t["flagged"]
+            else ("<span class='ok'>passes</span>" if t["faithfulness"] > 0 else "no better than chance")
+        )
+        parts.append(
+            f"<tr><td class='l'>{e(report['methods'][name]['title'])}</td><td>{t['faithfulness']:+.3f}</td><td>{t['deletion_auc']:.3f}</td>"
+            f"<td>{t['insertion_auc']:.3f}</td><td>{_fmt(t['randomisation_rank_correlation'], 2)}</td><td class='l'>{verdict}</td></tr>"
+        )
+    parts.append(
+        f"</table><p class='muted'>chance level: deletion AUC {trust['chance']['deletion_auc']:.3f}, insertion AUC {trust['chance']['insertion_auc']:.3f}</p>"
+    )
+    parts.append(
+        f"<figure>{_tag(_curves(trust), 'deletion and insertion curves').replace('<img ', '<img style=width:auto;height:auto ')}</figure>"
+    )
 
-    parts.append("<h2>What the model looks at</h2><p>" + " · ".join(f"<b>{e(m['title'])}</b>: {e(m['summary'])}" for m in report["methods"].values()) + "</p>")
+    parts.append(
+        "<h2>What the model looks at</h2><p>"
+        + " · ".join(f"<b>{e(m['title'])}</b>: {e(m['summary'])}" for m in report["methods"].values())
+        + "</p>"
+    )
     rows_html = _overlays(images, maps)
     current = None
     for ex, row in zip(report["examples"], rows_html):

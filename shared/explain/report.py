@@ -143,7 +143,9 @@ def _method_options(o: ExplainOptions) -> MethodOptions:
     return MethodOptions(internal_batch_size=o.internal_batch_size, smoothgrad_samples=o.smoothgrad, seed=o.seed)
 
 
-def _attributions(net: nn.Module, x: torch.Tensor, predicted: torch.Tensor, o: ExplainOptions) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _attributions(
+    net: nn.Module, x: torch.Tensor, predicted: torch.Tensor, o: ExplainOptions
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Step 3: each method's maps of the predicted class, and the seconds each took."""
     mo = _method_options(o)
     maps, seconds = {}, {}
@@ -161,7 +163,9 @@ class _Trust:
     sanity_images: int  # images used for the model-randomisation check
 
 
-def _trust(net: nn.Module, x: torch.Tensor, predicted: torch.Tensor, maps: dict[str, torch.Tensor], seconds: dict[str, float], o: ExplainOptions) -> _Trust:
+def _trust(
+    net: nn.Module, x: torch.Tensor, predicted: torch.Tensor, maps: dict[str, torch.Tensor], seconds: dict[str, float], o: ExplainOptions
+) -> _Trust:
     """Step 4: how far to trust each method: faithfulness against chance, and the
     model-randomisation check on up to ``sanity_images`` images spread across all classes."""
     mo = _method_options(o)
@@ -184,13 +188,26 @@ def _trust(net: nn.Module, x: torch.Tensor, predicted: torch.Tensor, maps: dict[
             "flagged": bool(len(rho) and np.mean(rho) >= SANITY_FLAG),
             "seconds": round(seconds[name] + time.monotonic() - t0, 2),  # maps and checks
         }
-        _log.info("%s: faithfulness %+.3f, randomisation rho %.2f%s (%.1fs)", name, trust[name]["faithfulness"],
-                  trust[name]["randomisation_rank_correlation"], "  FLAGGED" if trust[name]["flagged"] else "", trust[name]["seconds"])  # fmt: skip
+        _log.info(
+            "%s: faithfulness %+.3f, randomisation rho %.2f%s (%.1fs)",
+            name,
+            trust[name]["faithfulness"],
+            trust[name]["randomisation_rank_correlation"],
+            "  FLAGGED" if trust[name]["flagged"] else "",
+            trust[name]["seconds"],
+        )
     return _Trust(chance, trust, k)
 
 
 def _assemble(
-    model: str | Path, meta: dict[str, Any], source: str, images: ImageSet, scores: _Scores, chosen: list[int], trust: _Trust, o: ExplainOptions
+    model: str | Path,
+    meta: dict[str, Any],
+    source: str,
+    images: ImageSet,
+    scores: _Scores,
+    chosen: list[int],
+    trust: _Trust,
+    o: ExplainOptions,
 ) -> dict[str, Any]:
     """Step 5: the report as one JSON-ready mapping (``seconds`` is filled in when written)."""
     classes, perf, labels, preds, probs = list(meta["classes"]), scores.perf, scores.labels, scores.preds, scores.probs
@@ -201,13 +218,29 @@ def _assemble(
         "data": {"source": source, "images": len(images), "per_class": np.bincount(labels, minlength=len(classes)).tolist()},
         "performance": {**perf.to_dict(), "classes": classes, "hardest_classes": [classes[c] for c in hardest], "roc": scores.roc},
         "methods": {n: {"title": get_method(n).title, "summary": get_method(n).summary} for n in o.methods},
-        "trust": {"chance": {"deletion_auc": trust.chance.deletion_auc, "insertion_auc": trust.chance.insertion_auc}, "methods": trust.methods, "sanity_flag_at": SANITY_FLAG},
+        "trust": {
+            "chance": {"deletion_auc": trust.chance.deletion_auc, "insertion_auc": trust.chance.insertion_auc},
+            "methods": trust.methods,
+            "sanity_flag_at": SANITY_FLAG,
+        },
         "examples": [
-            {"index": int(i), "label": classes[labels[i]], "predicted": classes[preds[i]], "confidence": float(probs[i, preds[i]]), "correct": bool(labels[i] == preds[i])}
+            {
+                "index": int(i),
+                "label": classes[labels[i]],
+                "predicted": classes[preds[i]],
+                "confidence": float(probs[i, preds[i]]),
+                "correct": bool(labels[i] == preds[i]),
+            }
             for i in chosen
         ],
-        "settings": {"methods": list(o.methods), "per_class": o.per_class, "smoothgrad_samples": o.smoothgrad, "seed": o.seed,
-                     "sanity_images": trust.sanity_images, "image_size": meta["config"]["image-size"]},  # fmt: skip
+        "settings": {
+            "methods": list(o.methods),
+            "per_class": o.per_class,
+            "smoothgrad_samples": o.smoothgrad,
+            "seed": o.seed,
+            "sanity_images": trust.sanity_images,
+            "image_size": meta["config"]["image-size"],
+        },
         "seconds": None,
     }
 
@@ -314,7 +347,9 @@ def _model_card(model: str | Path, meta: dict[str, Any], summary: dict[str, Any]
     card: dict[str, Any] = {
         "file": str(model),
         "backbone": cfg["backbone"],
-        "weights": get_backbone(cfg["backbone"]).weights_source if cfg.get("pretrained", True) else "random initialisation (pretrained = false)",
+        "weights": get_backbone(cfg["backbone"]).weights_source
+        if cfg.get("pretrained", True)
+        else "random initialisation (pretrained = false)",
         "policy": cfg["policy"],
         "lora_rank": cfg.get("lora-rank", 0),
         "rounds": meta.get("round"),
@@ -330,4 +365,3 @@ def _model_card(model: str | Path, meta: dict[str, Any], summary: dict[str, Any]
     else:
         card["private"] = None  # unknown: no run summary next to the model
     return card
-

@@ -93,8 +93,9 @@ def randomized_copy(model: nn.Module, *, seed: int) -> nn.Module:
         for module in twin.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 continue
-            if hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False)):
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset) and any(True for _ in module.parameters(recurse=False)):
+                reset()
     return twin.eval()
 
 

@@ -49,9 +49,7 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) ->
     # explicit parameter-free pad in front.
     if stride == 1:
         return nn.Conv2d(cin, cout, kernel, 1, kernel // 2, groups=groups, bias=False)
-    return nn.Sequential(
-        _SamePad(kernel, stride), nn.Conv2d(cin, cout, kernel, stride, 0, groups=groups, bias=False)
-    )
+    return nn.Sequential(_SamePad(kernel, stride), nn.Conv2d(cin, cout, kernel, stride, 0, groups=groups, bias=False))
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -107,7 +105,7 @@ def remap_lite0_state_dict(src: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     out[_conv_key("stages.stem.0", True)] = src["_conv_stem.weight"]
     bn("stages.stem.1", "_bn0")
     index = 0
-    for repeats, kernel, stride, expand, _cin, _cout in _STAGES:
+    for repeats, _kernel, stride, expand, _cin, _cout in _STAGES:
         for r in range(repeats):
             s = f"_blocks.{index}"
             d = f"stages.block{index}.body"

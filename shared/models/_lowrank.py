@@ -11,6 +11,7 @@ so the one-pass book-keeping clipping applies.
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ class LowRankConv(nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-def is_pointwise_conv(m: nn.Module) -> bool:
+def is_pointwise_conv(m: nn.Module) -> TypeGuard[nn.Conv2d]:
     """True for a plain 1x1 convolution that is a per-pixel matrix product.
 
     Exactly ``nn.Conv2d`` (a subclass may override ``forward``, e.g. weight

@@ -22,7 +22,6 @@ from ._types import FedModel
 __all__ = ["FineTunePolicy", "parse_policy", "apply_policy", "train_mode", "trainable_state_dict", "load_trainable"]
 
 
-
 @dataclass(frozen=True)
 class FineTunePolicy:
     """``head`` (classifier only), ``last-N`` (last N blocks + neck + classifier) or ``full``."""

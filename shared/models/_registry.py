@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -97,12 +97,14 @@ def list_backbones() -> list[str]:
 def _reset_classifier(model: FedModel, num_classes: int) -> None:
     # The new head starts at zero: the first rounds then move the head before the
     # features, which keeps early federated averages of many sites stable.
-    linear = model.stages.classifier[-1]
+    classifier = model.stages.classifier
+    assert isinstance(classifier, nn.Sequential)
+    linear = classifier[-1]
     assert isinstance(linear, nn.Linear)
     head = nn.Linear(linear.in_features, num_classes)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    model.stages.classifier[-1] = head
+    classifier[-1] = head
 
 
 def create_model(

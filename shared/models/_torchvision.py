@@ -8,6 +8,8 @@ subclassing) keeps the original submodules and therefore their weights.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 from torchvision import models as tvm
@@ -17,10 +19,12 @@ from torchvision.models.resnet import BasicBlock
 
 from ._types import FedModel
 
+_M = TypeVar("_M", bound=nn.Module)
+
 __all__ = ["adapt_resnet", "adapt_mobilenet_v3", "adapt_efficientnet", "disable_inplace"]
 
 
-def disable_inplace(model: nn.Module) -> nn.Module:
+def disable_inplace(model: _M) -> _M:
     """Turn every in-place activation into an out-of-place one (same maths)."""
     for module in model.modules():
         if hasattr(module, "inplace") and isinstance(module.inplace, bool):

@@ -7,7 +7,21 @@ from .ledger import LEDGER_FILE, LedgerEntry, PrivacyLedger
 from .site import SitePrivacy, SiteUpdate
 
 __all__ = [
-    "ACCOUNTANTS", "BudgetExceeded", "DPRequest", "DPSGD", "LEDGER_FILE", "LedgerEntry", "PrivacyLedger",
-    "RoundPlan", "SiteBudget", "SitePrivacy", "SiteRefusal", "SiteUpdate", "calibrate_noise", "check_privacy_params", "epsilon_of",
-    "plan_round", "resolve_dp_mode",
-]  # fmt: skip
+    "ACCOUNTANTS",
+    "BudgetExceeded",
+    "DPRequest",
+    "DPSGD",
+    "LEDGER_FILE",
+    "LedgerEntry",
+    "PrivacyLedger",
+    "RoundPlan",
+    "SiteBudget",
+    "SitePrivacy",
+    "SiteRefusal",
+    "SiteUpdate",
+    "calibrate_noise",
+    "check_privacy_params",
+    "epsilon_of",
+    "plan_round",
+    "resolve_dp_mode",
+]

@@ -9,7 +9,7 @@ compose it; carrying it across rounds is what makes the cumulative epsilon right
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..config import ACCOUNTANTS, check_epsilon_delta
 from ..errors import ConfigError
@@ -77,7 +77,11 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
         # is computed (and warned about, if need be) by epsilon_of.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
             **_epsilon_kwargs(accountant),
         )
     return float(sigma)

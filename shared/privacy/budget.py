@@ -14,8 +14,9 @@ subtracted (basic composition, a safe upper bound).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ..config import DEFAULT_DELTA
 from ..errors import ConfigError, FedlensError
@@ -64,7 +65,7 @@ class SiteBudget:
         check_privacy_params(epsilon=self.max_epsilon, delta=self.delta)
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteBudget":
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteBudget:
         """Read ``max-epsilon``, ``delta`` and ``allow-non-private`` from a site's node config.
 
         ``delta`` defaults to :data:`~shared.config.DEFAULT_DELTA`; ``max-epsilon`` has
@@ -125,7 +126,7 @@ class DPRequest:
             raise ConfigError(f"unknown accountant {self.accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
 
     @classmethod
-    def from_config(cls, cfg: Any, run_id: str) -> "DPRequest":
+    def from_config(cls, cfg: Any, run_id: str) -> DPRequest:
         """From a :class:`~shared.config.FedConfig` (duck-typed to keep this module light)."""
         return cls(
             run_id=run_id,
@@ -200,9 +201,11 @@ def plan_round(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, *,
     steps = request.local_epochs * steps_per_epoch(q)
     if steps < 10:
         _log.warning(
-            "%s: only %d images, %d DP-SGD steps per round: noise will swamp the signal; "
-            "pool more images per site or lower batch-size", site, num_examples, steps,
-        )  # fmt: skip
+            "%s: only %d images, %d DP-SGD steps per round: noise will swamp the signal; pool more images per site or lower batch-size",
+            site,
+            num_examples,
+            steps,
+        )
     entries = ledger.entries()
     earlier = {run: eps for run, eps in spent_by_run(entries).items() if run != request.run_id}
     cap = budget.max_epsilon - sum(earlier.values())
@@ -229,16 +232,23 @@ def plan_round(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, *,
                     f"{site} refuses to train: only epsilon {target:.4f} is left of its budget ({spent_note}), "
                     f"too little for {request.num_rounds * steps} DP-SGD steps. Nothing was trained."
                 ) from exc
-            raise ConfigError(f"{site}: cannot calibrate DP noise for epsilon {target:g} over {request.num_rounds * steps} steps: {exc}") from exc
+            raise ConfigError(
+                f"{site}: cannot calibrate DP noise for epsilon {target:g} over {request.num_rounds * steps} steps: {exc}"
+            ) from exc
         if target < request.target_epsilon:
-            _log.warning("%s: run asks for epsilon %g but the site's budget leaves %.3f; calibrating to that", site, request.target_epsilon, target)
+            _log.warning(
+                "%s: run asks for epsilon %g but the site's budget leaves %.3f; calibrating to that", site, request.target_epsilon, target
+            )
     history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in mine] + [(sigma, q, steps)]
     after = epsilon_of(history, delta=delta, accountant=accountant)
     if after > request.target_epsilon * (1 + 1e-9):
         _log.warning(
             "%s: this round takes the run past its requested epsilon (%.3f > %g): more rounds than "
-            "planned (a re-run round or a longer run); still within the site's budget", site, after, request.target_epsilon,
-        )  # fmt: skip
+            "planned (a re-run round or a longer run); still within the site's budget",
+            site,
+            after,
+            request.target_epsilon,
+        )
     if after > cap * (1 + 1e-9):
         raise BudgetExceeded(
             f"{site} refuses this round: it would bring the run's epsilon to {after:.3f}, past the site's "

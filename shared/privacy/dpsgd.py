@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -86,7 +87,7 @@ def secure_generator() -> torch.Generator:
         When torchcsprng is not installed.
     """
     try:
-        import torchcsprng as csprng  # type: ignore[import-not-found]
+        import torchcsprng as csprng
     except ImportError:
         raise ConfigError(
             "`secure-rng = true` needs the torchcsprng package (Opacus' secure random generator), which "
@@ -130,7 +131,7 @@ class PlainStepper:
 
 
 class _BookKeepingStepper:
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, dp: "DPSGD", generator: torch.Generator | None) -> None:
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSGD, generator: torch.Generator | None) -> None:
         from opacus.optimizers import DPOptimizerFastGradientClipping
 
         self.clipper = BookKeepingClipper(module, max_grad_norm=dp.max_grad_norm)
@@ -158,7 +159,9 @@ class _BookKeepingStepper:
 
 
 class _OpacusStepper:
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, dp: "DPSGD", generator: torch.Generator | None, *, functorch: bool) -> None:
+    def __init__(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, dp: DPSGD, generator: torch.Generator | None, *, functorch: bool
+    ) -> None:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -192,7 +195,7 @@ class _OpacusStepper:
 
     def noise_only(self) -> None:
         for p in self.params:  # a zero per-sample gradient: clipping and summing give 0
-            p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
+            p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]  # Opacus sets it
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

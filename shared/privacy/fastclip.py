@@ -25,7 +25,7 @@ own per-sample gradients.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -66,11 +66,10 @@ class BookKeepingClipper:
 
     def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
         if not supports_fast_clipping(module):
-            raise ValueError(
-                "book-keeping clipping needs every trainable layer to be Linear or a 1x1 Conv2d, with no shared weights"
-            )
+            raise ValueError("book-keeping clipping needs every trainable layer to be Linear or a 1x1 Conv2d, with no shared weights")
         self.max_grad_norm = float(max_grad_norm)
-        self.layers = [m for m in module.modules() if _trainable_direct(m)]
+        # Linear and pointwise Conv2d only (supports_fast_clipping checks it before this is built).
+        self.layers: list[nn.Linear | nn.Conv2d] = [m for m in module.modules() if _trainable_direct(m)]  # type: ignore[misc]
         self._io: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._versions: dict[nn.Module, int] = {}
         self._active = True
@@ -100,7 +99,7 @@ class BookKeepingClipper:
         self._io.clear()
         self._versions.clear()
 
-    def __enter__(self) -> "BookKeepingClipper":
+    def __enter__(self) -> BookKeepingClipper:
         return self
 
     def __exit__(self, *exc: object) -> None:

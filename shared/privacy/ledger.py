@@ -16,9 +16,10 @@ import contextlib
 import fcntl
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import FedlensError
 from ..io import atomic_write_json
@@ -90,7 +91,16 @@ class PrivacyLedger:
         return runs[-1].epsilon if runs else 0.0
 
     def record(
-        self, *, run_id: str, round: int, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str, epsilon: float
+        self,
+        *,
+        run_id: str,
+        round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        delta: float,
+        accountant: str,
+        epsilon: float,
     ) -> LedgerEntry:
         """Append one trained round.
 

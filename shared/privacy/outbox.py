@@ -43,7 +43,9 @@ class UpdateOutbox:
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / OUTBOX_FILE
 
-    def put(self, *, run_id: str, round: int, digest: str, state: dict[str, torch.Tensor], num_examples: int, metrics: dict[str, float]) -> None:
+    def put(
+        self, *, run_id: str, round: int, digest: str, state: dict[str, torch.Tensor], num_examples: int, metrics: dict[str, float]
+    ) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.path, state, run_id=run_id, round=round, digest=digest, num_examples=num_examples, metrics=metrics)
 

@@ -141,11 +141,24 @@ class SitePrivacy:
                 raise
             # The ledger is on disk before the update leaves the site.
             entry = self.ledger.record(
-                run_id=run_id, round=round, noise_multiplier=plan.dp.noise_multiplier, sample_rate=plan.dp.sample_rate,
-                steps=plan.steps, delta=plan.delta, accountant=plan.accountant, epsilon=plan.epsilon_after,
-            )  # fmt: skip
+                run_id=run_id,
+                round=round,
+                noise_multiplier=plan.dp.noise_multiplier,
+                sample_rate=plan.dp.sample_rate,
+                steps=plan.steps,
+                delta=plan.delta,
+                accountant=plan.accountant,
+                epsilon=plan.epsilon_after,
+            )
             metrics = {**metrics, **privacy_metrics(entry, run_steps=self.ledger.steps(run_id))}
-            _log.info("%s: round %d of run %s recorded at epsilon %.3f (delta %g, run budget %.3f)",
-                      self.site, round, run_id, entry.epsilon, entry.delta, plan.budget_left)  # fmt: skip
+            _log.info(
+                "%s: round %d of run %s recorded at epsilon %.3f (delta %g, run budget %.3f)",
+                self.site,
+                round,
+                run_id,
+                entry.epsilon,
+                entry.delta,
+                plan.budget_left,
+            )
             self.outbox.put(run_id=run_id, round=round, digest=digest, state=state, num_examples=trained, metrics=metrics)
             return state, trained, metrics

@@ -15,9 +15,22 @@ from fedlens.shared.privacy import BudgetExceeded, PrivacyLedger, SiteRefusal
 @pytest.fixture
 def deployed(image_folder, cache_dir, tmp_path):
     cfg = FedConfig.from_mapping(
-        {"dataset": "folder", "data-path": str(image_folder), "image-size": 32, "batch-size": 4, "cache-dir": cache_dir, "site-eval-fraction": 0.0}
+        {
+            "dataset": "folder",
+            "data-path": str(image_folder),
+            "image-size": 32,
+            "batch-size": 4,
+            "cache-dir": cache_dir,
+            "site-eval-fraction": 0.0,
+        }
     )
-    node = {"data-path": str(image_folder), "site-name": "clinic-a", "max-epsilon": 50.0, "delta": 1e-3, "state-dir": str(tmp_path / "state")}
+    node = {
+        "data-path": str(image_folder),
+        "site-name": "clinic-a",
+        "max-epsilon": 50.0,
+        "delta": 1e-3,
+        "state-dir": str(tmp_path / "state"),
+    }
     return cfg, node
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -12,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from fedlens.ops.certs import add_site, init_ca
-from fedlens.shared.config import FedConfig
-
 from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
+from fedlens.shared.config import FedConfig
 from fedlens.shared.data.samples import write_sample_folders
 
 SITES = ["site-a", "site-b", "site-c"]
@@ -50,10 +48,24 @@ class Federation:
 
     def fedlens(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run a short ``fedlens`` command to completion."""
-        return subprocess.run([sys.executable, "-m", "fedlens.ops.cli", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "fedlens.ops.cli", *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def start_server(self) -> None:
-        self.procs.start("server", "server", "start", "--certs", str(self.certs), "--state-dir", str(self.state), "--host", "127.0.0.1", "--port", str(self.port))
+        self.procs.start(
+            "server",
+            "server",
+            "start",
+            "--certs",
+            str(self.certs),
+            "--state-dir",
+            str(self.state),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        )
         wait_for(lambda: listening(self.port), 60, "the server to listen")
 
     def register(self, site: str) -> None:
@@ -63,11 +75,26 @@ class Federation:
     def start_site(self, site: str, *extra: str) -> None:
         port = self.site_ports.setdefault(site, free_port())
         self.procs.start(
-            site, "client", "start", "--server", self.address, "--ca", str(self.certs / "ca.pem"),
-            "--key", str(self.certs / "sites" / f"{site}.key"), "--data", str(self.data[site]),
-            "--state-dir", str(self.root / "state" / site), "--max-epsilon", "50", "--allow-evaluation",
-            "--port", str(port), *extra,
-        )  # fmt: skip
+            site,
+            "client",
+            "start",
+            "--server",
+            self.address,
+            "--ca",
+            str(self.certs / "ca.pem"),
+            "--key",
+            str(self.certs / "sites" / f"{site}.key"),
+            "--data",
+            str(self.data[site]),
+            "--state-dir",
+            str(self.root / "state" / site),
+            "--max-epsilon",
+            "50",
+            "--allow-evaluation",
+            "--port",
+            str(port),
+            *extra,
+        )
 
     def online(self) -> set[str]:
         r = self.fedlens("server", "sites", "--state-dir", str(self.state), "--json")
@@ -82,7 +109,18 @@ class Federation:
         return path
 
     def start_run(self, out: Path, **extra: object) -> subprocess.Popen[bytes]:
-        return self.procs.start("run", "run", "--server", self.address, "--ca", str(self.certs / "ca.pem"), "--config", str(self.run_config(**extra)), "--out", str(out))
+        return self.procs.start(
+            "run",
+            "run",
+            "--server",
+            self.address,
+            "--ca",
+            str(self.certs / "ca.pem"),
+            "--config",
+            str(self.run_config(**extra)),
+            "--out",
+            str(out),
+        )
 
 
 @pytest.fixture(scope="session")

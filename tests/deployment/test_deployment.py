@@ -5,23 +5,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from fedlens.ops.certs import CertPaths, init_ca, issue_server_cert
+from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
 from fedlens.ops.superlink import ServerSettings, superlink_command
 from fedlens.shared.checkpoint import read_checkpoint_meta
 from fedlens.shared.config import FedConfig
+from fedlens.shared.data.samples import SAMPLE_CLASSES
 from fedlens.shared.explain import ExplainOptions, explain
 from fedlens.shared.privacy import PrivacyLedger
 
 from .conftest import RUN, SITES, Federation
-from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
-from fedlens.shared.data.samples import SAMPLE_CLASSES
 
 pytestmark = pytest.mark.deployment
 
@@ -55,7 +53,9 @@ def test_three_sites_two_rounds_over_tls(federation: Federation, tmp_path):
     kept = federation.root / "state" / "site-a" / "global-model.safetensors"
     meta = read_checkpoint_meta(kept)
     assert meta["round"] == 2 and meta["classes"] == sorted(SAMPLE_CLASSES) and meta["site"] == "site-a"
-    report = explain(kept, str(federation.data["site-a"]), tmp_path / "site-report", ExplainOptions(methods=("saliency",), per_class=1, sanity_images=2))
+    report = explain(
+        kept, str(federation.data["site-a"]), tmp_path / "site-report", ExplainOptions(methods=("saliency",), per_class=1, sanity_images=2)
+    )
     assert report["data"]["images"] == 60 and (tmp_path / "site-report" / "report.html").is_file()
 
 
@@ -111,8 +111,18 @@ def test_server_killed_after_round_1_resumes_from_checkpoint(federation: Federat
 
 def _client(federation: Federation, name: str, *args: str, timeout: float = 90):
     """Run `fedlens client start` to its end (it must refuse) and return (exit code, output)."""
-    proc = federation.procs.start(name, "client", "start", "--server", federation.address, "--data",
-                                  str(federation.data["site-a"]), "--state-dir", str(federation.root / "state" / name), *args)  # fmt: skip
+    proc = federation.procs.start(
+        name,
+        "client",
+        "start",
+        "--server",
+        federation.address,
+        "--data",
+        str(federation.data["site-a"]),
+        "--state-dir",
+        str(federation.root / "state" / name),
+        *args,
+    )
     code = proc.wait(timeout=timeout)
     return code, federation.procs.log(name)
 
@@ -144,8 +154,13 @@ def _raw_superlink(federation: Federation, certs, tmp_path, name: str) -> int:
     port = free_port()
     settings = ServerSettings(state_dir=tmp_path / name, certs=certs, host="127.0.0.1", port=port)
     (tmp_path / name).mkdir()
-    raw = subprocess.Popen(superlink_command(settings), env=flower_env(FLWR_HOME=str(tmp_path / f"{name}-home")), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    raw = subprocess.Popen(
+        superlink_command(settings),
+        env=flower_env(FLWR_HOME=str(tmp_path / f"{name}-home")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     federation.procs.procs[name] = raw
     wait_for(lambda: listening(port), 60, f"the {name} SuperLink")
     return port
@@ -156,21 +171,37 @@ def test_certificate_for_other_names_is_refused_by_the_site(federation: Federati
     init_ca(other, ["fl.example.org"])
     issue_server_cert(CertPaths(other), ["fl.example.org"], force=True)  # without the loopback names
     port = _raw_superlink(federation, other, tmp_path, "named-superlink")
-    code, out = _client(federation, "wrong-name", "--ca", str(other / "ca.pem"), "--key", str(federation.certs / "sites" / "site-a.key"),
-                        "--server", f"127.0.0.1:{port}")  # fmt: skip
+    code, out = _client(
+        federation,
+        "wrong-name",
+        "--ca",
+        str(other / "ca.pem"),
+        "--key",
+        str(federation.certs / "sites" / "site-a.key"),
+        "--server",
+        f"127.0.0.1:{port}",
+    )
     assert code == 2 and "does not cover the name you dial (127.0.0.1)" in out
 
 
 def test_expired_server_certificate_is_refused_by_server_and_site(federation: Federation, tmp_path):
     expired = tmp_path / "expired"
     init_ca(expired, ["127.0.0.1"])
-    issue_server_cert(CertPaths(expired), ["127.0.0.1"], days=1, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30), force=True)
+    issue_server_cert(CertPaths(expired), ["127.0.0.1"], days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=30), force=True)
     r = federation.fedlens("server", "start", "--certs", str(expired), "--state-dir", str(tmp_path / "s2"), "--port", str(free_port()))
     assert r.returncode == 2 and "not now" in r.stderr and "--force" in r.stderr
     # A server that serves it anyway (started without fedlens' checks) is refused by the site.
     port = _raw_superlink(federation, expired, tmp_path, "expired-superlink")
-    code, out = _client(federation, "sees-expired", "--ca", str(expired / "ca.pem"), "--key", str(federation.certs / "sites" / "site-a.key"),
-                        "--server", f"127.0.0.1:{port}")  # fmt: skip
+    code, out = _client(
+        federation,
+        "sees-expired",
+        "--ca",
+        str(expired / "ca.pem"),
+        "--key",
+        str(federation.certs / "sites" / "site-a.key"),
+        "--server",
+        f"127.0.0.1:{port}",
+    )
     assert code == 2 and "has expired" in out
 
 
@@ -180,14 +211,41 @@ def test_insecure_mode_works_end_to_end_and_says_so(tmp_path, deploy_images, cac
     procs = Procs(tmp_path / "logs", env)
     port = free_port()
     try:
-        procs.start("server", "server", "start", "--insecure", "--state-dir", str(tmp_path / "server"), "--host", "127.0.0.1", "--port", str(port))
+        procs.start(
+            "server", "server", "start", "--insecure", "--state-dir", str(tmp_path / "server"), "--host", "127.0.0.1", "--port", str(port)
+        )
         wait_for(lambda: listening(port), 60, "the insecure server")
         for site in ("site-a", "site-b"):
-            procs.start(site, "client", "start", "--insecure", "--server", f"127.0.0.1:{port}", "--data", str(deploy_images[site]),
-                        "--state-dir", str(tmp_path / site), "--name", site, "--allow-evaluation", "--port", str(free_port()))  # fmt: skip
+            procs.start(
+                site,
+                "client",
+                "start",
+                "--insecure",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(deploy_images[site]),
+                "--state-dir",
+                str(tmp_path / site),
+                "--name",
+                site,
+                "--allow-evaluation",
+                "--port",
+                str(free_port()),
+            )
         cfg = FedConfig.from_mapping({**RUN, "num-rounds": 1, "data-path": str(deploy_images["server"]), "cache-dir": cache_dir})
         (tmp_path / "run.toml").write_text(cfg.to_toml())
-        run = procs.start("run", "run", "--insecure", "--server", f"127.0.0.1:{port}", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "run"))
+        run = procs.start(
+            "run",
+            "run",
+            "--insecure",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--config",
+            str(tmp_path / "run.toml"),
+            "--out",
+            str(tmp_path / "run"),
+        )
         assert run.wait(timeout=300) == 0, procs.log("run")[-3000:]
         assert _summary(tmp_path / "run")["rounds"] == 1
         assert "INSECURE SERVER" in procs.log("server") and "INSECURE SITE" in procs.log("site-a")

@@ -72,7 +72,7 @@ def test_server_names_must_be_names_or_addresses():
 
 def test_serving_checks_catch_expired_and_mismatched_files(tmp_path):
     paths = init_ca(tmp_path / "a", ["localhost"])
-    issue_server_cert(paths, ["localhost"], days=1, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3), force=True)
+    issue_server_cert(paths, ["localhost"], days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3), force=True)
     with pytest.raises(CertError, match="not now"):
         check_certificates(paths.root)
     other = init_ca(tmp_path / "b", ["localhost"])

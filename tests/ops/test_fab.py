@@ -32,8 +32,14 @@ def test_repository_app_equals_the_generated_app():
 
 def test_flower_builds_the_generated_app_with_no_code_in_it(tmp_path):
     folder = write_app(tmp_path / "app")
-    proc = subprocess.run([flower_bin("flwr"), "build"], cwd=folder, env=flower_env(FLWR_HOME=str(tmp_path / "home")),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [flower_bin("flwr"), "build"],
+        cwd=folder,
+        env=flower_env(FLWR_HOME=str(tmp_path / "home")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (fab,) = folder.glob("*.fab")
     names = zipfile.ZipFile(fab).namelist()
@@ -42,6 +48,12 @@ def test_flower_builds_the_generated_app_with_no_code_in_it(tmp_path):
 
 def test_the_apps_load_from_the_installed_package_outside_the_repository(tmp_path):
     code = "from flwr.supercore.object_ref import load_app; load_app(%r, ValueError, %r); load_app(%r, ValueError, %r); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code % (SERVER_APP, str(tmp_path), CLIENT_APP, str(tmp_path))],
-                          cwd=tmp_path, env=flower_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code % (SERVER_APP, str(tmp_path), CLIENT_APP, str(tmp_path))],
+        cwd=tmp_path,
+        env=flower_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

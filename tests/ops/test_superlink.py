@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from fedlens.ops.supernode import ConnectError, SiteSettings, check_site, node_config, supernode_command
 from fedlens.ops.certs import add_site, init_ca
 from fedlens.ops.control import ControlError
-from fedlens.ops.superlink import ServerSettings, add_site as register_site, superlink_command
+from fedlens.ops.superlink import ServerSettings, superlink_command
+from fedlens.ops.superlink import add_site as register_site
+from fedlens.ops.supernode import ConnectError, SiteSettings, check_site, node_config, supernode_command
 
 
 def test_server_is_tls_with_site_auth_and_no_runtime_installs_by_default(tmp_path):
     init_ca(tmp_path / "c", ["localhost"])
     cmd = superlink_command(ServerSettings(state_dir=tmp_path / "s", certs=tmp_path / "c"))
-    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--database"):
+    for flag in (
+        "--ssl-ca-certfile",
+        "--ssl-certfile",
+        "--ssl-keyfile",
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database",
+    ):
         assert flag in cmd, flag
     assert "--insecure" not in cmd
     insecure = superlink_command(ServerSettings(state_dir=tmp_path / "s", certs=None, insecure=True))
@@ -21,8 +29,17 @@ def test_server_is_tls_with_site_auth_and_no_runtime_installs_by_default(tmp_pat
 
 
 def test_site_settings_travel_as_node_config_the_server_cannot_override(tmp_path):
-    s = SiteSettings(server="h:1", data=tmp_path / "d", state_dir=tmp_path / "st", name='we"ird', ca=tmp_path / "ca.pem",
-                     key=tmp_path / "k", max_epsilon=3.0, delta=1e-6, device="cpu")  # fmt: skip
+    s = SiteSettings(
+        server="h:1",
+        data=tmp_path / "d",
+        state_dir=tmp_path / "st",
+        name='we"ird',
+        ca=tmp_path / "ca.pem",
+        key=tmp_path / "k",
+        max_epsilon=3.0,
+        delta=1e-6,
+        device="cpu",
+    )
     text = node_config(s)
     assert 'site-name="we\\"ird"' in text and "max-epsilon=3.0" in text and "delta=1e-06" in text
     assert "allow-evaluation=false" in text and "allow-non-private=false" in text and 'device="cpu"' in text

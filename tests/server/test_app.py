@@ -74,8 +74,17 @@ def _recorder(tmp_path, *, sites: dict[str, dict[str, float]], rounds_done: int 
     guard.current = RoundReport()
     guard.current.train = sites
     guard.current.failed = {7: "train: no reply within round-timeout"}
-    recorder = _RoundRecorder(cfg, run, BiasTask(), None, classes=("a", "b", "c"), guard=guard, averager=averager,
-                              rounds_done=rounds_done, wall=_WallClock(time.monotonic(), previous=12.0))  # fmt: skip
+    recorder = _RoundRecorder(
+        cfg,
+        run,
+        BiasTask(),
+        None,
+        classes=("a", "b", "c"),
+        guard=guard,
+        averager=averager,
+        rounds_done=rounds_done,
+        wall=_WallClock(time.monotonic(), previous=12.0),
+    )
     return recorder, run
 
 

@@ -14,8 +14,17 @@ N = 3200  # images at the site: q = 64 / 3200, 50 steps per round
 
 
 def _request(run_id: str = "run-a", **kw) -> DPRequest:
-    base = dict(run_id=run_id, target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, num_rounds=5, local_epochs=1, batch_size=64,
-                accountant="rdp", secure_rng=False)  # fmt: skip
+    base = dict(
+        run_id=run_id,
+        target_epsilon=3.0,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        num_rounds=5,
+        local_epochs=1,
+        batch_size=64,
+        accountant="rdp",
+        secure_rng=False,
+    )
     return DPRequest(**{**base, **kw})
 
 
@@ -24,11 +33,19 @@ def _run_rounds(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, r
     for rnd in rounds:
         plan = plan_round(ledger, budget, request, num_examples=N)
         entry = ledger.record(
-            run_id=request.run_id, round=rnd, noise_multiplier=plan.dp.noise_multiplier,
-            sample_rate=plan.dp.sample_rate, steps=plan.steps, delta=plan.delta, accountant=plan.accountant, epsilon=plan.epsilon_after,
-        )  # fmt: skip
+            run_id=request.run_id,
+            round=rnd,
+            noise_multiplier=plan.dp.noise_multiplier,
+            sample_rate=plan.dp.sample_rate,
+            steps=plan.steps,
+            delta=plan.delta,
+            accountant=plan.accountant,
+            epsilon=plan.epsilon_after,
+        )
         # The plan's epsilon is the run's whole history composed, as an independent recomputation gives it.
-        assert entry.epsilon == pytest.approx(epsilon_of(ledger.history(request.run_id), delta=plan.delta, accountant=plan.accountant), rel=1e-9)
+        assert entry.epsilon == pytest.approx(
+            epsilon_of(ledger.history(request.run_id), delta=plan.delta, accountant=plan.accountant), rel=1e-9
+        )
         spent.append(entry.epsilon)
     return spent
 

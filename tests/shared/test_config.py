@@ -1,9 +1,8 @@
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedlens.shared.config import APP_KEYS, FedConfig, config_keys, load_config, parse_overrides
+from fedlens.shared.config import FedConfig, config_keys, load_config, parse_overrides
 from fedlens.shared.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,9 +7,9 @@ import torch
 
 from fedlens.shared.config import FedConfig
 from fedlens.shared.errors import ConfigError, DataError
+from fedlens.shared.models import train_mode
 from fedlens.shared.privacy import DPSGD, resolve_dp_mode
 from fedlens.shared.privacy.dpsgd import sample_rate_for, steps_per_epoch
-from fedlens.shared.models import train_mode
 from fedlens.shared.task import LocalData, Task
 
 
@@ -86,7 +86,9 @@ def test_secure_rng_without_torchcsprng_says_how_to_fix():
         import torchcsprng  # noqa: F401
     except ImportError:
         with pytest.raises(ConfigError, match="torchcsprng"):
-            DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, expected_batch_size=8, secure_rng=True).generators(0, torch.device("cpu"))
+            DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, expected_batch_size=8, secure_rng=True).generators(
+                0, torch.device("cpu")
+            )
     else:
         pytest.skip("torchcsprng is installed here")
 

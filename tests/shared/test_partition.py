@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from fedlens.shared.config import FedConfig
-from fedlens.shared.errors import ConfigError
 from fedlens.shared.data.partition import MIN_SITE_IMAGES, PARTITIONERS, class_counts, partition
+from fedlens.shared.errors import ConfigError
 
 LABELS = np.repeat(np.arange(10), 100)
 

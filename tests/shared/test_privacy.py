@@ -101,7 +101,16 @@ def test_ledger_refuses_an_epsilon_below_what_the_run_already_spent(tmp_path):
     spent = _record(ledger, 2).epsilon
     before = ledger.path.read_bytes()
     with pytest.raises(FedlensError, match="planned from an older history"):  # a plan made outside the lock
-        ledger.record(run_id="r1", round=3, noise_multiplier=1.0, sample_rate=Q, steps=STEPS_PER_ROUND, delta=DELTA, accountant="rdp", epsilon=spent / 2)
+        ledger.record(
+            run_id="r1",
+            round=3,
+            noise_multiplier=1.0,
+            sample_rate=Q,
+            steps=STEPS_PER_ROUND,
+            delta=DELTA,
+            accountant="rdp",
+            epsilon=spent / 2,
+        )
     assert ledger.path.read_bytes() == before
 
 
@@ -113,11 +122,23 @@ def test_privacy_parameters_have_no_silent_defaults():
     with pytest.raises(TypeError, match="accountant"):
         calibrate_noise(target_epsilon=1.0, delta=DELTA, sample_rate=Q, steps=10)
     with pytest.raises(TypeError, match="accountant"):
-        DPRequest(run_id="r", target_epsilon=1.0, delta=DELTA, max_grad_norm=1.0, num_rounds=1, local_epochs=1, batch_size=8, secure_rng=False)
+        DPRequest(
+            run_id="r", target_epsilon=1.0, delta=DELTA, max_grad_norm=1.0, num_rounds=1, local_epochs=1, batch_size=8, secure_rng=False
+        )
     with pytest.raises(TypeError, match="secure_rng"):
         DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=Q, expected_batch_size=8)
     with pytest.raises(ConfigError, match="unknown accountant"):
-        DPRequest(run_id="r", target_epsilon=1.0, delta=DELTA, max_grad_norm=1.0, num_rounds=1, local_epochs=1, batch_size=8, accountant="gdp", secure_rng=False)
+        DPRequest(
+            run_id="r",
+            target_epsilon=1.0,
+            delta=DELTA,
+            max_grad_norm=1.0,
+            num_rounds=1,
+            local_epochs=1,
+            batch_size=8,
+            accountant="gdp",
+            secure_rng=False,
+        )
 
 
 def test_corrupt_ledger_is_an_error_not_a_fresh_start(tmp_path):

@@ -14,8 +14,17 @@ N = 3200  # images at the site: q = 64 / 3200, 50 steps per round
 
 
 def _request(run_id: str = "run-a", **kw) -> DPRequest:
-    base = dict(run_id=run_id, target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0, num_rounds=5, local_epochs=1, batch_size=64,
-                accountant="rdp", secure_rng=False)  # fmt: skip
+    base = dict(
+        run_id=run_id,
+        target_epsilon=3.0,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        num_rounds=5,
+        local_epochs=1,
+        batch_size=64,
+        accountant="rdp",
+        secure_rng=False,
+    )
     return DPRequest(**{**base, **kw})
 
 
@@ -94,7 +103,9 @@ def test_a_re_asked_round_is_re_sent_without_a_new_ledger_entry(tmp_path):
 def test_an_exhausted_budget_refuses_before_training(tmp_path):
     privacy, train = _site(tmp_path, max_epsilon=1.0), _Training()
     old = epsilon_of([(0.5, 0.02, 500)], delta=1e-5, accountant="rdp")  # an earlier run spent more than the site now allows
-    privacy.ledger.record(run_id="run-old", round=1, noise_multiplier=0.5, sample_rate=0.02, steps=500, delta=1e-5, accountant="rdp", epsilon=old)
+    privacy.ledger.record(
+        run_id="run-old", round=1, noise_multiplier=0.5, sample_rate=0.02, steps=500, delta=1e-5, accountant="rdp", epsilon=old
+    )
     before = _snapshot(privacy)
 
     with pytest.raises(BudgetExceeded, match="Nothing was trained"):

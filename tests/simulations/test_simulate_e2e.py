@@ -37,8 +37,17 @@ def _cfg(cache_dir: str, **extra) -> FedConfig:
 def test_two_sites_one_round_writes_every_artifact(tmp_path, cache_dir):
     out = tmp_path / "run"
     summary = simulate(_cfg(cache_dir, **{"report-per-class": 1}), out)
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "model.safetensors", "partitions.json", "accuracy.png", "loss.png",
-                 "report/report.html", "report/report.json"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.safetensors",
+        "partitions.json",
+        "accuracy.png",
+        "loss.png",
+        "report/report.html",
+        "report/report.json",
+    ):
         assert (out / name).is_file(), name
     for key in ("final_accuracy", "final_macro_f1", "rounds", "num_sites", "wall_seconds", "bytes_per_site_round", "full_model_bytes"):
         assert key in summary, key
@@ -156,7 +165,9 @@ def test_cli_reports_bad_config_without_starting(tmp_path):
 def test_privacy_show_prints_the_ledger(tmp_path):
     from fedlens.shared.privacy import PrivacyLedger
 
-    PrivacyLedger(tmp_path).record(run_id="run-7", round=1, noise_multiplier=1.2, sample_rate=0.02, steps=50, delta=1e-5, accountant="rdp", epsilon=0.5)
+    PrivacyLedger(tmp_path).record(
+        run_id="run-7", round=1, noise_multiplier=1.2, sample_rate=0.02, steps=50, delta=1e-5, accountant="rdp", epsilon=0.5
+    )
     proc = _fedlens("privacy", "show", str(tmp_path), "--json")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
