@@ -1,4 +1,4 @@
-"""``fedlens client start``: the command a site's IT admin runs."""
+"""``fedlens client start|approve|apps``: the commands a site's IT admin runs."""
 
 from __future__ import annotations
 
@@ -57,6 +57,31 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
     return run_supernode(settings)
 
 
+def _cmd_client_approve(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .executor import AppApprovals
+
+    AppApprovals(args.state_dir).approve(args.app_hash, by=getpass.getuser(), note=args.note)
+    print(f"approved app {args.app_hash.strip().lower()} for the site in {args.state_dir}; it takes effect at the next task")
+    return 0
+
+
+def _cmd_client_apps(args: argparse.Namespace) -> int:
+    import json
+
+    from .executor import AppApprovals
+
+    apps = AppApprovals(args.state_dir).approved()
+    if args.json:
+        print(json.dumps(apps, indent=2))
+        return 0
+    print(f"{'app hash':<64}  {'approved by':<12} {'at':<25} note")
+    for fab_hash, info in apps.items():
+        print(f"{fab_hash:<64}  {info.get('by') or '':<12} {info.get('at') or '':<25} {info.get('note') or ''}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the site's commands on the ``fedlens`` parser."""
     p = sub.add_parser(
@@ -90,3 +115,22 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     q.add_argument("--insecure", action="store_true", help="plaintext, no authentication: closed test networks only")
     q.set_defaults(func=_cmd_client_start)
+    q = client.add_parser(
+        "approve",
+        help="let this site run one more app build (by its hash)",
+        description="Approve an app build by its SHA-256, as a refused run prints it in the site's log. "
+        "Approve only a build you rebuilt yourself from its release tag (`flwr build`; builds are deterministic) "
+        "and compared: an approved app's code runs at this site, budget checks included.",
+    )
+    q.add_argument("app_hash", metavar="HASH", help="the app's SHA-256 (64 hex digits)")
+    q.add_argument("--state-dir", type=Path, required=True, help="this site's state folder")
+    q.add_argument("--note", default="", help="why (kept with the approval)")
+    q.set_defaults(func=_cmd_client_approve)
+    q = client.add_parser(
+        "apps",
+        help="list the app builds this site runs",
+        description="The apps this site runs: its own installed fedlens release's, and any approved.",
+    )
+    q.add_argument("--state-dir", type=Path, required=True, help="this site's state folder")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_client_apps)

@@ -13,18 +13,22 @@ import collections
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedlens.shared.config import DEFAULT_DELTA
 from fedlens.shared.errors import FedlensError
 
+from .executor import AppApprovals, SiteExecutor
 from .procs import flower_bin, flower_env
 
 __all__ = ["DEFAULT_APP_PORT", "SiteSettings", "ConnectError", "check_server", "node_config", "supernode_command", "run_supernode"]
@@ -162,8 +166,15 @@ def node_config(s: SiteSettings) -> str:
     return " ".join(f"{k}={value(v)}" for k, v in items.items())
 
 
+SECRET_FILE = ".superexec-secret"
+
+
 def supernode_command(s: SiteSettings) -> list[str]:
-    cmd = [flower_bin("flower-supernode"), "--superlink", s.server, "--node-config", node_config(s), "--port", str(s.port)]
+    """The SuperNode, with no executor of its own: ``fedlens client start`` serves its tasks
+    (:mod:`fedlens.ops.executor`), authenticated by the secret in ``STATE_DIR/.superexec-secret``."""
+    cmd = [flower_bin("flower-supernode"), "--superlink", s.server, "--node-config", node_config(s)]
+    cmd += ["--host", "127.0.0.1", "--port", str(s.port), "--isolation", "process"]
+    cmd += ["--superexec-auth-secret-file", str((s.state_dir / SECRET_FILE).resolve())]
     if s.ca is None:
         return [*cmd, "--insecure"]
     assert s.key is not None
@@ -221,17 +232,41 @@ _FLOWER_ERRORS = (
 )
 
 
-def run_supernode(s: SiteSettings) -> int:
-    """Run the SuperNode in the foreground, relaying its output; returns its exit code.
+def _new_secret(path: Path) -> bytes:
+    """A fresh random secret for this start, readable by this user only."""
+    secret = secrets.token_hex(32).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+    return secret
 
+
+def run_supernode(s: SiteSettings, *, on_run: Callable[..., None] | None = None) -> int:
+    """Run the SuperNode in the foreground, serving its tasks here; returns its exit code.
+
+    The site executor (:class:`~fedlens.ops.executor.SiteExecutor`) runs in a thread of
+    this process and answers with the installed ClientApp, for approved apps only.
     Known fatal Flower errors end the site with a translated message (exit 3).
-    SIGINT/SIGTERM stop the SuperNode and its app processes.
+    SIGINT/SIGTERM stop the SuperNode.
+
+    Parameters
+    ----------
+    s : SiteSettings
+        The site's own settings.
+    on_run : callable, optional
+        Told of every run the executor sees (for the site's audit log).
     """
+    secret = _new_secret(s.state_dir / SECRET_FILE)
     cmd = supernode_command(s)
     env = flower_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    executor = SiteExecutor(f"127.0.0.1:{s.port}", secret, AppApprovals(s.state_dir), site=s.name, on_run=on_run)
+    threading.Thread(target=executor.serve_forever, name="fedlens-site-executor", daemon=True).start()
 
     def stop(signum: int, _frame: object) -> None:
+        executor.stop()
         _terminate(proc)
         raise SystemExit(128 + signum)
 
@@ -251,13 +286,16 @@ def run_supernode(s: SiteSettings) -> int:
                 message = _reason(recent)
                 if message:
                     _log.error("%s: %s", s.name, message)
+                    executor.stop()
                     _terminate(proc)
                     return 3
                 since_exit = None
     except KeyboardInterrupt:
+        executor.stop()
         _terminate(proc)
         return 130
     code = proc.wait()
+    executor.stop()
     message = _reason(recent) if code != 0 and any(_EXIT.search(line) for line in recent) else None
     if message:
         _log.error("%s: %s", s.name, message)
