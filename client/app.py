@@ -20,13 +20,13 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedlens.shared.checkpoint import read_checkpoint_meta, save_checkpoint
 from fedlens.shared.config import FedConfig
 from fedlens.shared.errors import FedlensError
-from fedlens.shared.privacy import DPSGD, DPRequest, SiteRefusal, SiteUpdate
+from fedlens.shared.privacy import DPSGD, DPRequest, SiteRefusal, SiteUpdate, update_fingerprint
 from fedlens.shared.privacy.budget import allows_evaluation, allows_non_private
 from fedlens.shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
 from fedlens.shared.task import site_seed
 
 from .secagg import handle_secagg, is_secagg_message
-from .site import Site, load_site, site_privacy
+from .site import Site, load_site, site_audit, site_privacy
 
 __all__ = ["app", "build_client_app"]
 
@@ -82,8 +82,10 @@ def _site_update(
 ) -> SiteUpdate:
     """One round of local training; under DP the site's :class:`SitePrivacy` owns the round.
 
-    It re-sends a re-asked round, decides against the site's budget before training,
-    and records the round in the ledger (under its lock) before the update leaves.
+    It re-sends a re-asked round, decides against the site's limits and budget before
+    training, and records the round in the ledger (under its lock) and in the site's
+    audit log before the update leaves. A non-private round (``dp = false``) is
+    refused here unless the site allows it, and audited here at a deployed site.
     """
     if site.name in os.environ.get(FAULT_ENV, "").split(","):
         raise RuntimeError(f"injected fault at {site.name} ({FAULT_ENV})")
@@ -91,12 +93,7 @@ def _site_update(
     rnd = _round(config)
     run_id = str(config.get(RUN_ID, flower_run))
     if not cfg.dp:
-        if not site.simulated and not allows_non_private(node_config):
-            raise SiteRefusal(
-                f"{site.name} refuses to train without differential privacy (the run has dp = false); "
-                "only a site started with allow-non-private=true joins non-private runs"
-            )
-        return _train_locally(site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, dp=None)
+        return _non_private_round(site, state, config, node_config=node_config, rnd=rnd, run_id=run_id)
 
     def train(dp: DPSGD) -> SiteUpdate:
         return _train_locally(site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, dp=dp)
@@ -105,6 +102,40 @@ def _site_update(
     return privacy.run_round(
         request=DPRequest.from_config(cfg, run_id), round=rnd, global_state=state, num_examples=len(site.train), train=train
     )
+
+
+def _non_private_round(
+    site: Site, state: dict[str, torch.Tensor], config: Mapping[str, object], *, node_config: dict[str, object], rnd: int, run_id: str
+) -> SiteUpdate:
+    """A ``dp = false`` round: refused unless the site allows non-private runs; audited at a site with a state folder."""
+    audit = site_audit(site, node_config)
+    if not site.simulated and not allows_non_private(node_config):
+        refusal = SiteRefusal(
+            f"{site.name} refuses to train without differential privacy (the run has dp = false); "
+            "only a site started with allow-non-private=true joins non-private runs"
+        )
+        if audit is not None:
+            audit.round(run_id=run_id, round=rnd, outcome="refused", reason=str(refusal), epsilon_after=None, bytes_sent=None, sha256=None)
+        raise refusal
+    try:
+        update = _train_locally(site, state, config, node_config=node_config, rnd=rnd, run_id=run_id, dp=None)
+    except Exception as exc:
+        if audit is not None:
+            reason = f"training failed: {type(exc).__name__}: {exc}"
+            audit.round(run_id=run_id, round=rnd, outcome="failed", reason=reason, epsilon_after=None, bytes_sent=None, sha256=None)
+        raise
+    if audit is not None:
+        size, sha256 = update_fingerprint(update[0])
+        audit.round(
+            run_id=run_id,
+            round=rnd,
+            outcome="trained",
+            reason="dp = false: trained WITHOUT differential privacy (the site allows non-private runs)",
+            epsilon_after=None,
+            bytes_sent=size,
+            sha256=sha256,
+        )
+    return update
 
 
 def _train_locally(

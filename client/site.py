@@ -21,10 +21,10 @@ from fedlens.shared.data import ImageSet, load_dataset, load_image_folder
 from fedlens.shared.data.partition import partition
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.models import get_backbone
-from fedlens.shared.privacy import PrivacyLedger, SiteBudget, SitePrivacy
+from fedlens.shared.privacy import PrivacyLedger, SiteAudit, SiteBudget, SitePrivacy
 from fedlens.shared.task import LocalData, Task, local_split
 
-__all__ = ["Site", "load_site", "site_privacy"]
+__all__ = ["Site", "load_site", "site_audit", "site_privacy"]
 
 _log = logging.getLogger("fedlens.client.site")
 
@@ -102,9 +102,11 @@ def site_privacy(site: Site, node_config: dict[str, object], *, state_root: Path
     """The site's privacy: its own budget and its ledger, which together run its private rounds.
 
     A deployed site reads both from its node config (``max-epsilon``, ``delta``,
-    ``allow-non-private``, ``state-dir``): the server's run config cannot change
+    ``allow-non-private``, ``min-noise-multiplier``, ``max-rounds``,
+    ``max-local-epochs``, ``state-dir``): the server's run config cannot change
     them. A simulated site takes ``site-budgets`` / ``site-max-epsilon`` (default
-    ``target-epsilon``) and keeps its ledger under ``state_root``.
+    ``target-epsilon``) and the run's ``delta``, and keeps its ledger under
+    ``state_root``; its other limits are :class:`SiteBudget`'s documented defaults.
 
     Raises
     ------
@@ -125,3 +127,14 @@ def site_privacy(site: Site, node_config: dict[str, object], *, state_root: Path
             "(the ledger must outlive the process, or spent epsilon would be forgotten)"
         )
     return SitePrivacy(budget, PrivacyLedger(Path(str(state))), site=site.name)
+
+
+def site_audit(site: Site, node_config: dict[str, object]) -> SiteAudit | None:
+    """The audit log of a site with its own state folder (``state-dir``), else ``None``.
+
+    Private rounds are audited by the site's :class:`SitePrivacy` wherever its ledger
+    is; this is for what the ClientApp decides itself (non-private rounds). A
+    simulated site has no state folder of its own, and nothing to audit it for.
+    """
+    state = node_config.get("state-dir")
+    return SiteAudit(Path(str(state))) if state and not site.simulated else None

@@ -48,21 +48,30 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_privacy_show(args: argparse.Namespace) -> int:
     import json
 
-    from fedlens.shared.privacy import PrivacyLedger
+    from fedlens.shared.privacy import PrivacyLedger, site_guarantee
 
     ledger = PrivacyLedger(args.state_dir)
     if not ledger.path.is_file():
         raise FedlensError(f"no privacy ledger in {args.state_dir} (expected {ledger.path.name}); is this a site state folder?")
     entries = ledger.entries()
+    # The one guarantee: every run's history composed in one accountant at the site's delta (not a sum over runs).
+    guarantee = site_guarantee(entries) if entries else None
     if args.json:
-        print(json.dumps(ledger.to_dict(), indent=2))
+        print(json.dumps({**ledger.to_dict(), "site": guarantee.to_dict() if guarantee else None}, indent=2))
         return 0
     print(f"privacy ledger {ledger.path}")
-    print(f"{'run':<24} {'round':>5} {'sigma':>7} {'q':>8} {'steps':>6} {'epsilon':>8} {'delta':>8}  accountant")
+    print(f"{'run':<24} {'round':>5} {'sigma':>7} {'q':>8} {'steps':>6} {'epsilon':>8} {'delta':>8}  {'accountant':<10} {'site eps':>8}")
     for e in entries:
+        site_eps = f"{e.site_epsilon:>8.3f}" if e.site_epsilon is not None else f"{'-':>8}"
         print(
-            f"{e.run_id:<24} {e.round:>5} {e.noise_multiplier:>7.3f} {e.sample_rate:>8.5f} {e.steps:>6} {e.epsilon:>8.3f} {e.delta:>8.1e}  {e.accountant}"
+            f"{e.run_id:<24} {e.round:>5} {e.noise_multiplier:>7.3f} {e.sample_rate:>8.5f} {e.steps:>6} {e.epsilon:>8.3f} "
+            f"{e.delta:>8.1e}  {e.accountant:<10} {site_eps}"
         )
+    print("(epsilon: each run's own, at its delta; site eps: every run so far composed, at the site's delta)")
+    if guarantee is None:
+        print("site: nothing spent yet")
+    else:
+        print(f"site: {guarantee.describe()}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``fedlens client start|approve|apps``: the commands a site's IT admin runs."""
+"""``fedlens client start|approve|apps|audit``: the commands a site's IT admin runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fedlens.shared.config import DEFAULT_DELTA
 
+from .audit_cli import add_audit_command
 from .supernode import DEFAULT_APP_PORT
 
 __all__ = ["add_commands"]
@@ -17,6 +18,7 @@ _log = logging.getLogger("fedlens.client")
 
 def _cmd_client_start(args: argparse.Namespace) -> int:
     from fedlens.shared.errors import FedlensError
+    from fedlens.shared.privacy.audit import SiteAudit
 
     from .supernode import INSECURE_BANNER, SiteSettings, check_server, check_site, run_supernode
 
@@ -54,7 +56,7 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
         args.state_dir,
     )
     _log.info("%s: %s", name, check_server(args.server, settings.ca))
-    return run_supernode(settings)
+    return run_supernode(settings, on_run=SiteAudit(args.state_dir).run_seen)
 
 
 def _cmd_client_approve(args: argparse.Namespace) -> int:
@@ -90,6 +92,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="A data site's connection to the federation (Flower SuperNode).",
     )
     client = p.add_subparsers(dest="client_command", required=True, metavar="ACTION")
+    add_audit_command(client)
     q = client.add_parser(
         "start",
         help="connect this site to the server and serve training rounds",

@@ -8,6 +8,13 @@ The ledger stores what it is told: the epsilon of an entry is the one
 :func:`~.budget.plan_round` computed for the round from this ledger's history
 (under :meth:`PrivacyLedger.lock`), so each round's epsilon is computed once.
 :class:`~.site.SitePrivacy` is the one place that plans and records a round.
+
+Format ``fedlens-privacy-ledger-v2`` adds to each entry the site's guarantee after
+the round: every run's history composed in one accountant at the site's delta
+(``site_epsilon``, ``site_delta``, ``site_accounting``). Ledgers written as
+``fedlens-privacy-ledger-v1`` load unchanged (those fields are ``None`` for their
+entries) and are written back as v2 at the next round; the composed guarantee of
+their rounds is recomputed from their histories, which both formats keep.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from ..io import atomic_write_json
 __all__ = ["LedgerEntry", "PrivacyLedger", "LEDGER_FILE"]
 
 LEDGER_FILE = "privacy-ledger.json"
-_FORMAT = "fedlens-privacy-ledger-v1"
+_FORMAT = "fedlens-privacy-ledger-v2"
+_READABLE = ("fedlens-privacy-ledger-v1", _FORMAT)
 
 
 @dataclass(frozen=True)
@@ -39,10 +47,14 @@ class LedgerEntry:
     noise_multiplier: float
     sample_rate: float
     steps: int
-    epsilon: float  # cumulative for the run, after this round
+    epsilon: float  # cumulative for the run, after this round, at the run's delta with the run's accountant
     delta: float
     accountant: str
     time: float
+    # v2: the site's guarantee after this round, all runs composed at the site's delta (None in v1 entries)
+    site_epsilon: float | None = None
+    site_delta: float | None = None
+    site_accounting: str | None = None  # how the runs were composed, e.g. "rdp" or "max(prv,rdp)"
 
 
 class PrivacyLedger:
@@ -71,8 +83,8 @@ class PrivacyLedger:
             return []
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            if data.get("format") != _FORMAT:
-                raise ValueError("unknown format")
+            if data.get("format") not in _READABLE:
+                raise ValueError(f"unknown format {data.get('format')!r}; this fedlens reads {', '.join(_READABLE)}")
             return [LedgerEntry(**e) for e in data["entries"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise FedlensError(
@@ -81,9 +93,9 @@ class PrivacyLedger:
                 "site's privacy officer decides to retire it."
             ) from exc
 
-    def history(self, run_id: str) -> list[tuple[float, float, int]]:
-        """The ``(noise_multiplier, sample_rate, steps)`` history of one run."""
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries() if e.run_id == run_id]
+    def history(self, run_id: str | None = None) -> list[tuple[float, float, int]]:
+        """The ``(noise_multiplier, sample_rate, steps)`` history of one run, or of every run (``None``)."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries() if run_id is None or e.run_id == run_id]
 
     def spent(self, run_id: str) -> float:
         """Cumulative epsilon recorded for ``run_id`` (0 when none)."""
@@ -101,6 +113,9 @@ class PrivacyLedger:
         delta: float,
         accountant: str,
         epsilon: float,
+        site_epsilon: float | None = None,
+        site_delta: float | None = None,
+        site_accounting: str | None = None,
     ) -> LedgerEntry:
         """Append one trained round.
 
@@ -116,19 +131,33 @@ class PrivacyLedger:
         epsilon : float
             The run's cumulative epsilon after this round, as planned from this ledger's
             history (:attr:`~.budget.RoundPlan.epsilon_after`), under :meth:`lock`.
+        site_epsilon, site_delta, site_accounting : optional
+            The site's guarantee after this round, every run composed
+            (:attr:`~.budget.RoundPlan.site_epsilon_after` and its delta and accounting).
+            ``None`` only for callers that do not compose (then the entry reads like v1).
 
         Raises
         ------
         FedlensError
-            When ``epsilon`` is below what the run has already spent: the plan was made
-            from a stale history (outside :meth:`lock`); nothing is recorded then.
+            When ``epsilon`` (or ``site_epsilon``) is below what is already recorded: the
+            plan was made from a stale history (outside :meth:`lock`); nothing is recorded then.
         """
         entries = self.entries()
         before = [e.epsilon for e in entries if e.run_id == run_id]
-        if before and epsilon < before[-1] * (1 - 1e-9):
+        stale = bool(before) and epsilon < before[-1] * (1 - 1e-9)
+        composed = [
+            e.site_epsilon
+            for e in entries
+            if e.site_epsilon is not None and e.site_delta == site_delta and e.site_accounting == site_accounting
+        ]
+        if site_epsilon is not None and composed and site_epsilon < composed[-1] * (1 - 1e-9):
+            stale = True
+        if stale:
             raise FedlensError(
                 f"refusing to record round {round} of run {run_id!r} at epsilon {epsilon:.4f}: the ledger {self.path} "
-                f"already records {before[-1]:.4f} for that run. The round was planned from an older history; "
+                f"already records more ({before[-1] if before else 0.0:.4f} for that run"
+                + (f", {composed[-1]:.4f} for the site" if composed else "")
+                + "). The round was planned from an older history; "
                 "plan and record under PrivacyLedger.lock() (SitePrivacy.run_round does)."
             )
         entry = LedgerEntry(
@@ -141,6 +170,9 @@ class PrivacyLedger:
             delta=delta,
             accountant=accountant,
             time=time.time(),
+            site_epsilon=None if site_epsilon is None else float(site_epsilon),
+            site_delta=site_delta,
+            site_accounting=site_accounting,
         )
         self.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, {"format": _FORMAT, "entries": [asdict(e) for e in (*entries, entry)]})

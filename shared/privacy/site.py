@@ -9,9 +9,12 @@ together overspend):
 2. the plan (:func:`~.budget.plan_round`): does the round fit in the site's
    budget, with which noise, clipping and sampling; a refused round spends nothing;
 3. training, handed the plan's :class:`~.dpsgd.DPSGD` mechanism;
-4. the ledger entry, with the epsilon the plan computed, written only once
-   training has returned: a round that fails spends nothing on record;
-5. the outbox, so that a reply the server loses can be re-sent.
+4. the ledger entry, with the epsilons the plan computed (the run's, and the
+   site's with every run composed), written only once training has returned: a
+   round that fails spends nothing on record;
+5. the audit log (:class:`~.audit.SiteAudit`): what happened to the round and the
+   digest of the update that leaves (a re-sent or refused round is recorded too);
+6. the outbox, so that a reply the server loses can be re-sent.
 
 :class:`SitePrivacy` owns those steps, as Opacus' ``PrivacyEngine`` owns the life
 of private training; callers hand it the training as a function of the mechanism
@@ -25,7 +28,9 @@ from collections.abc import Callable
 
 import torch
 
-from .budget import DPRequest, SiteBudget, plan_round
+from ..errors import FedlensError
+from .audit import SiteAudit, update_fingerprint
+from .budget import DPRequest, SiteBudget, SiteRefusal, plan_round, site_guarantee
 from .dpsgd import DPSGD
 from .ledger import LedgerEntry, PrivacyLedger
 from .outbox import UpdateOutbox, state_digest
@@ -65,7 +70,7 @@ class SitePrivacy:
     budget : SiteBudget
         What the site allows (set by the site, never by the server).
     ledger : PrivacyLedger
-        The site's ledger; the outbox lives in the same state folder.
+        The site's ledger; the outbox and the audit log live in the same state folder.
     site : str
         The site's name, for messages and logs.
 
@@ -83,6 +88,7 @@ class SitePrivacy:
         self.ledger = ledger
         self.site = site
         self.outbox = UpdateOutbox(ledger.state_dir)
+        self.audit = SiteAudit(ledger.state_dir)
 
     def __repr__(self) -> str:
         return f"SitePrivacy(site={self.site!r}, max_epsilon={self.budget.max_epsilon:g}, ledger={str(self.ledger.path)!r})"
@@ -120,8 +126,10 @@ class SitePrivacy:
 
         Raises
         ------
-        BudgetExceeded
-            When the round does not fit in the site's budget; nothing was trained or recorded.
+        SiteRefusal
+            When the request breaks a site limit, or (:class:`~.budget.BudgetExceeded`)
+            the round does not fit in the site's budget; nothing was trained or recorded
+            in the ledger, and the audit log says why.
         Exception
             Whatever ``train`` raises; the ledger and the outbox are then left unchanged.
         """
@@ -131,34 +139,96 @@ class SitePrivacy:
             sent = self.outbox.get(run_id=run_id, round=round, digest=digest)
             if sent is not None:  # the server lost our reply: re-send it, at no new privacy cost
                 _log.info("%s: round %d of run %s was already trained from this model; re-sending that update", self.site, round, run_id)
+                size, sha256 = update_fingerprint(sent[0])
+                self.audit.round(
+                    run_id=run_id,
+                    round=round,
+                    outcome="re-sent",
+                    reason="re-asked from the same global model: the update already sent, no new training or spend",
+                    epsilon_after=self._site_epsilon(),
+                    run_epsilon=sent[2].get("epsilon"),
+                    bytes_sent=size,
+                    sha256=sha256,
+                )
                 return sent
             # Decide before training: a refused round spends nothing.
-            plan = plan_round(self.ledger, self.budget, request, num_examples=num_examples, site=self.site)
+            try:
+                plan = plan_round(self.ledger, self.budget, request, num_examples=num_examples, site=self.site)
+            except SiteRefusal as exc:
+                self._record_unsent(run_id, round, "refused", str(exc))
+                raise
+            except Exception as exc:
+                self._record_unsent(run_id, round, "failed", f"planning failed: {type(exc).__name__}: {exc}")
+                raise
             try:
                 state, trained, metrics = train(plan.dp)
-            except Exception:
+            except Exception as exc:
                 _log.warning("%s: round %d of run %s failed during training; nothing recorded", self.site, round, run_id)
+                self._record_unsent(run_id, round, "failed", f"training failed: {type(exc).__name__}: {exc}")
                 raise
             # The ledger is on disk before the update leaves the site.
-            entry = self.ledger.record(
-                run_id=run_id,
-                round=round,
-                noise_multiplier=plan.dp.noise_multiplier,
-                sample_rate=plan.dp.sample_rate,
-                steps=plan.steps,
-                delta=plan.delta,
-                accountant=plan.accountant,
-                epsilon=plan.epsilon_after,
-            )
+            try:
+                entry = self.ledger.record(
+                    run_id=run_id,
+                    round=round,
+                    noise_multiplier=plan.dp.noise_multiplier,
+                    sample_rate=plan.dp.sample_rate,
+                    steps=plan.steps,
+                    delta=plan.delta,
+                    accountant=plan.accountant,
+                    epsilon=plan.epsilon_after,
+                    site_epsilon=plan.site_epsilon_after,
+                    site_delta=plan.site_delta,
+                    site_accounting=plan.site_accounting,
+                )
+            except Exception as exc:
+                self._record_unsent(run_id, round, "failed", f"recording the round failed: {type(exc).__name__}: {exc}")
+                raise
             metrics = {**metrics, **privacy_metrics(entry, run_steps=self.ledger.steps(run_id))}
             _log.info(
-                "%s: round %d of run %s recorded at epsilon %.3f (delta %g, run budget %.3f)",
+                "%s: round %d of run %s recorded at epsilon %.3f (delta %g); the site's, all runs composed: %.3f of %g at delta %g",
                 self.site,
                 round,
                 run_id,
                 entry.epsilon,
                 entry.delta,
-                plan.budget_left,
+                plan.site_epsilon_after,
+                self.budget.max_epsilon,
+                plan.site_delta,
+            )
+            size, sha256 = update_fingerprint(state)
+            mechanism = f"noise multiplier {plan.dp.noise_multiplier:.4g}, {plan.steps} steps at sample rate {plan.dp.sample_rate:.4g}"
+            self.audit.round(
+                run_id=run_id,
+                round=round,
+                outcome="trained",
+                reason="; ".join([mechanism, *plan.notes]),
+                epsilon_after=plan.site_epsilon_after,
+                run_epsilon=entry.epsilon,
+                bytes_sent=size,
+                sha256=sha256,
             )
             self.outbox.put(run_id=run_id, round=round, digest=digest, state=state, num_examples=trained, metrics=metrics)
             return state, trained, metrics
+
+    def _site_epsilon(self) -> float | None:
+        """The site's epsilon so far, all runs composed at its delta (None if the ledger cannot be read)."""
+        try:
+            return site_guarantee(self.ledger.entries(), delta=self.budget.delta).epsilon
+        except FedlensError:
+            return None
+
+    def _record_unsent(self, run_id: str, round: int, outcome: str, reason: str) -> None:
+        """Audit a round that sends nothing; a failing audit write must not hide why the round stopped."""
+        try:
+            self.audit.round(
+                run_id=run_id,
+                round=round,
+                outcome=outcome,
+                reason=reason,
+                epsilon_after=self._site_epsilon(),
+                bytes_sent=None,
+                sha256=None,
+            )
+        except OSError as exc:
+            _log.error("%s: could not write round %d of run %s to the audit log %s: %s", self.site, round, run_id, self.audit.path, exc)

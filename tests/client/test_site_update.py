@@ -95,3 +95,29 @@ def test_a_private_site_releases_held_out_metrics_only_if_it_opts_in(deployed):
     cfg, node = deployed
     with pytest.raises(SiteRefusal, match="allow-evaluation"):
         _evaluate(load_site(cfg, node), None, node)  # refused before the message is even read
+
+
+def test_every_round_the_site_trains_or_refuses_is_in_its_audit_log(deployed, tmp_path):
+    from fedlens.shared.privacy import SiteAudit, update_fingerprint
+
+    cfg, node = deployed
+    start = load_site(cfg, node).task.trainable_state()
+    _site, (update, _n, metrics) = _round(cfg, node, state=start)
+    _round(cfg, node, state=start)  # re-asked
+    public = FedConfig.from_mapping({"dp": False}, base=cfg)
+    with pytest.raises(SiteRefusal):
+        _round(public, node, rnd=2)
+    _site, (plain, _n, _m) = _round(public, {**node, "allow-non-private": "true"}, rnd=3)
+
+    trained, re_sent, refused, non_private = SiteAudit(tmp_path / "state").entries()
+    assert (trained["outcome"], re_sent["outcome"], refused["outcome"], non_private["outcome"]) == (
+        "trained",
+        "re-sent",
+        "refused",
+        "trained",
+    )
+    assert (trained["bytes_sent"], trained["sha256"]) == update_fingerprint(update) == (re_sent["bytes_sent"], re_sent["sha256"])
+    assert trained["run_epsilon"] == metrics["epsilon"] and trained["epsilon_after"] <= 50.0
+    assert "without differential privacy" in refused["reason"] and refused["round"] == 2
+    assert non_private["sha256"] == update_fingerprint(plain)[1] and non_private["epsilon_after"] is None
+    assert "WITHOUT differential privacy" in non_private["reason"]

@@ -123,7 +123,27 @@ def test_privacy_parameters_have_no_silent_defaults():
         calibrate_noise(target_epsilon=1.0, delta=DELTA, sample_rate=Q, steps=10)
     with pytest.raises(TypeError, match="accountant"):
         DPRequest(
-            run_id="r", target_epsilon=1.0, delta=DELTA, max_grad_norm=1.0, num_rounds=1, local_epochs=1, batch_size=8, secure_rng=False
+            run_id="r",
+            target_epsilon=1.0,
+            delta=DELTA,
+            max_grad_norm=1.0,
+            num_rounds=1,
+            local_epochs=1,
+            batch_size=8,
+            secure_rng=False,
+            reproducible=False,
+        )
+    with pytest.raises(TypeError, match="reproducible"):
+        DPRequest(
+            run_id="r",
+            target_epsilon=1.0,
+            delta=DELTA,
+            max_grad_norm=1.0,
+            num_rounds=1,
+            local_epochs=1,
+            batch_size=8,
+            accountant="rdp",
+            secure_rng=False,
         )
     with pytest.raises(TypeError, match="secure_rng"):
         DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=Q, expected_batch_size=8)
@@ -138,6 +158,7 @@ def test_privacy_parameters_have_no_silent_defaults():
             batch_size=8,
             accountant="gdp",
             secure_rng=False,
+            reproducible=False,
         )
 
 

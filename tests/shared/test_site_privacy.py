@@ -24,6 +24,7 @@ def _request(run_id: str = "run-a", **kw) -> DPRequest:
         batch_size=64,
         accountant="rdp",
         secure_rng=False,
+        reproducible=False,
     )
     return DPRequest(**{**base, **kw})
 
