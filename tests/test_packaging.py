@@ -59,19 +59,21 @@ def test_installed_wheel_runs_beside_an_unrelated_client_package(wheel: Path, tm
             [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True
         ).stdout.strip()
     )
-    # The pinned stack (torch, Flower, ...) comes from this environment, as plain paths: its
-    # editable fedlens hook is not processed there, so fedlens can only come from the wheel.
-    (purelib / "stack.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    (purelib / "client").mkdir()
-    (purelib / "client" / "__init__.py").write_text('NAME = "unrelated client package"\n')
+    # The wheel first, with nothing else visible: pip must not take this environment's
+    # editable fedlens for an installed one.
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--ignore-installed", "-q", str(wheel)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+    # The pinned stack (torch, Flower, ...) comes from this environment, as plain paths: its
+    # editable fedlens hook is not processed there, so fedlens can only come from the wheel.
+    (purelib / "stack.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    (purelib / "client").mkdir()
+    (purelib / "client" / "__init__.py").write_text('NAME = "unrelated client package"\n')
     probe = "import client, fedlens.client.app, fedlens.shared; print(client.NAME); print(fedlens.shared.__file__)"
     out = subprocess.run([str(python), "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=flower_env())
     assert out.returncode == 0, out.stderr[-3000:]
