@@ -30,7 +30,8 @@ def test_tampered_client_code_never_runs_and_every_site_refuses_by_name(federati
     pyproject = app / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace(f'clientapp = "{CLIENT_APP}"', 'clientapp = "tampered_client:app"'))
     (app / "tampered_client.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\nfrom fedlens.client.app import app\n"
+        f"from pathlib import Path\n\nfrom fedlens.client.app import build_client_app\n\n"
+        f"Path({str(marker)!r}).write_text('ran')\napp = build_client_app()\n"
     )
     run_dir = tmp_path / "run"
     cfg = FedConfig.from_mapping({**RUN, "num-rounds": 1, "data-path": str(federation.data["server"]), "cache-dir": federation.cache_dir})
