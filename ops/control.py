@@ -18,6 +18,7 @@ from typing import Any
 
 from fedlens.shared.errors import FedlensError
 
+from .frontdoor import REFUSAL
 from .procs import flower_bin, flower_env
 
 __all__ = ["Connection", "ControlError"]
@@ -78,6 +79,8 @@ class Connection:
             _rmtree(home)
         reply = _json_tail(proc.stdout)
         if proc.returncode != 0 or not reply.get("success", False):
+            if REFUSAL in proc.stdout + proc.stderr + str(reply.get("error-message", "")):
+                raise ControlError(_front_door_message(self.address, args[0]))
             detail = reply.get("error-message") or " / ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise ControlError(f"`flwr {' '.join(args)}` against {self.address} failed: {detail}")
         return reply
@@ -131,6 +134,15 @@ class Connection:
                     proc.wait()
         finally:
             _rmtree(home)
+
+
+def _front_door_message(address: str, command: str) -> str:
+    return (
+        f"{address} refused `flwr {command}` ({REFUSAL}): that is the port the sites dial, which serves the site API only. "
+        "Operator commands reach the server's SuperLink on the server host's loopback port: run "
+        "`fedlens run --state-dir STATE_DIR ...` there (or --server with the 'address' in STATE_DIR/server.json, "
+        "127.0.0.1:9093 by default)"
+    )
 
 
 def _json_tail(text: str) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from fedlens.shared.errors import FedlensError
 from fedlens.shared.rundir import RunDir
 
 from .cli_common import add_config_args, print_result, run_target
-from .superlink import DEFAULT_PORT
+from .control import Connection
+from .superlink import DEFAULT_INTERNAL_PORT, DEFAULT_PORT
 
 __all__ = ["add_commands"]
 
@@ -38,10 +39,16 @@ def _cmd_certs_add_site(args: argparse.Namespace) -> int:
 
 
 def _cmd_server_start(args: argparse.Namespace) -> int:
-    from .superlink import ServerSettings, start_server
+    from .superlink import ServerFailed, ServerSettings, start_server
 
-    start_server(ServerSettings(state_dir=args.state_dir, certs=args.certs, host=args.host, port=args.port, insecure=args.insecure))
-    return 0  # not reached: start_server execs the SuperLink
+    settings = ServerSettings(
+        state_dir=args.state_dir, certs=args.certs, host=args.host, port=args.port, insecure=args.insecure, internal_port=args.internal_port
+    )
+    try:
+        return start_server(settings)
+    except ServerFailed as exc:
+        _log.error("%s", exc)
+        return 1
 
 
 def _cmd_server_add_site(args: argparse.Namespace) -> int:
@@ -75,12 +82,9 @@ def _cmd_server_sites(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
 
-    from .control import Connection
     from .launch import launch
 
-    if args.insecure == bool(args.ca):
-        raise FedlensError("give the federation's CA with --ca ca.pem (or --insecure for a plaintext test server)")
-    conn = Connection(args.server, None if args.insecure else args.ca)
+    conn = _operator_connection(args)
     cfg, out = run_target(args, "run")
     if cfg is None:
         cfg = RunDir(out).config()
@@ -89,6 +93,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = launch(conn, cfg, out, max_restarts=args.max_restarts, reconnect_timeout=args.reconnect_timeout)
     print_result(summary, out)
     return 0
+
+
+def _operator_connection(args: argparse.Namespace) -> Connection:
+    """How ``fedlens run`` reaches the SuperLink: from the server's ``server.json`` (``--state-dir``), or as given."""
+    from .superlink import server_connection
+
+    if args.state_dir is not None:
+        if args.server or args.ca or args.insecure:
+            raise FedlensError("--state-dir reads the server's address and CA from its server.json; drop --server, --ca and --insecure")
+        return server_connection(args.state_dir)
+    if not args.server:
+        raise FedlensError(
+            "give the server's --state-dir (on the server host: `fedlens run --state-dir STATE_DIR ...`), "
+            f"or --server 127.0.0.1:INTERNAL_PORT (default {DEFAULT_INTERNAL_PORT}) with --ca"
+        )
+    if args.insecure == bool(args.ca):
+        raise FedlensError("give the federation's CA with --ca ca.pem (or --insecure for a plaintext test server)")
+    return Connection(args.server, None if args.insecure else args.ca)
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -127,12 +149,20 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q = server.add_parser(
         "start",
         help="start the server (TLS and site authentication on)",
-        description="Start the SuperLink in the foreground with TLS, site authentication and persistent state.",
+        description="Start the server in the foreground: the SuperLink on 127.0.0.1:--internal-port (operator commands), "
+        "behind a front door on --host:--port that serves the sites and nothing else; TLS, site authentication and "
+        "persistent state.",
     )
     q.add_argument("--certs", type=Path, help="certificate folder from `fedlens certs init`")
     q.add_argument("--state-dir", type=Path, required=True, help="persistent server state (database, site registry)")
     q.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    q.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for sites and `fedlens run` (default %(default)s)")
+    q.add_argument("--port", type=int, default=DEFAULT_PORT, help="the port sites dial: the front door (default %(default)s)")
+    q.add_argument(
+        "--internal-port",
+        type=int,
+        default=DEFAULT_INTERNAL_PORT,
+        help="the SuperLink's port on 127.0.0.1, for operator commands on this host (default %(default)s)",
+    )
     q.add_argument("--insecure", action="store_true", help="plaintext, no site authentication: closed test networks only")
     q.set_defaults(func=_cmd_server_start)
     for name, helptext, func in (
@@ -154,11 +184,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "run",
         help="submit a training run to a running server and follow it",
         description="Submit a federated run to the server, stream its progress and write the run folder "
-        "(on the server host). Resumes by itself after a server restart.",
+        "(on the server host). Resumes by itself after a server restart. Runs are submitted to the SuperLink's "
+        "loopback port, never through the port the sites dial.",
     )
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
-    p.add_argument("--ca", type=Path, help="the federation's ca.pem")
-    p.add_argument("--insecure", action="store_true", help="plaintext server (started with --insecure)")
+    p.add_argument("--state-dir", type=Path, help="the server's --state-dir: its server.json says how to reach it (recommended)")
+    p.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help=f"the SuperLink's operator address instead of --state-dir, e.g. 127.0.0.1:{DEFAULT_INTERNAL_PORT} (not the sites' port)",
+    )
+    p.add_argument("--ca", type=Path, help="with --server: the federation's ca.pem")
+    p.add_argument("--insecure", action="store_true", help="with --server: plaintext server (started with --insecure)")
     add_config_args(p)
     p.add_argument("--out", type=Path, help="run folder to create (default: runs/run-<time>)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue an interrupted run")

@@ -1,14 +1,26 @@
-"""The federation server: a Flower SuperLink with TLS, site authentication and persistent state.
+"""The federation server: a Flower SuperLink behind a front door, with TLS, site authentication and persistent state.
 
 ``fedlens server start`` checks everything it can before starting (certificates
-present, readable, valid now and matching their key; the state folder writable),
-records how to reach the server in ``STATE_DIR/server.json`` and then *becomes*
-``flower-superlink`` (``exec``), so a service manager or a test stops it by PID.
-Flower's SuperExec, which the SuperLink starts, exits on its own when its parent
-is gone.
+present, readable, valid now and matching their key; the state folder writable;
+both ports free) and then runs two processes and supervises them:
+
+- the SuperLink (``flower-superlink``) on ``127.0.0.1:INTERNAL_PORT`` only. Flower
+  serves run submission, node registration and the ServerApp's runtime calls on
+  that one port, without authentication, so only the server host reaches it: that
+  is where operator commands (``fedlens run``, ``fedlens server add-site``...) go.
+- the front door (:mod:`fedlens.ops.frontdoor`) on the public ``--host:--port``
+  the sites dial, with the server's certificate. It forwards the site (Fleet) API
+  calls and nothing else.
+
+How to reach the SuperLink is recorded in ``STATE_DIR/server.json``. SIGTERM or
+SIGINT stops both processes (their whole process trees, by PID); when either one
+ends on its own, the other is stopped too and the command exits non-zero saying
+which one ended and with what.
 
 The registry of sites (``STATE_DIR/sites.json``) maps site names to the node ids
-the SuperLink assigned to their keys, so a site is removed by name.
+the SuperLink assigned to their keys, so a site is removed by name, and the
+ServerApp names sites by it (its path reaches the ServerApp process in the
+environment, :data:`fedlens.shared.protocol.SITE_REGISTRY_ENV`).
 """
 
 from __future__ import annotations
@@ -19,21 +31,27 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedlens.shared.io import atomic_write_json
+from fedlens.shared.protocol import SITE_REGISTRY_ENV
 
 from .certs import CertError, CertPaths, check_site_name
 from .control import Connection, ControlError
-from .procs import flower_bin, flower_env
+from .procs import ChildExited, Supervisor, flower_bin, flower_env
 
 __all__ = [
     "DEFAULT_PORT",
+    "DEFAULT_INTERNAL_PORT",
+    "ServerFailed",
     "ServerSettings",
     "superlink_command",
+    "frontdoor_command",
     "start_server",
     "add_site",
     "remove_site",
@@ -46,8 +64,13 @@ _log = logging.getLogger("fedlens.server")
 SERVER_FILE = "server.json"
 SITES_FILE = "sites.json"
 DATABASE = "superlink.db"
-# The port sites and `fedlens run` dial (Flower's own Fleet API default, 9092).
+# The port sites dial (Flower's own Fleet API default, 9092): the front door.
 DEFAULT_PORT = 9092
+# The SuperLink's port on 127.0.0.1, for operator commands on the server host
+# (Flower's former Control API default, 9093).
+DEFAULT_INTERNAL_PORT = 9093
+SUPERLINK = "the SuperLink"
+FRONT_DOOR = "the front door"
 
 
 @dataclass(frozen=True)
@@ -59,6 +82,11 @@ class ServerSettings:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     insecure: bool = False
+    internal_port: int = DEFAULT_INTERNAL_PORT
+
+
+class ServerFailed(ControlError):
+    """One of the server's processes ended on its own; the others were stopped."""
 
 
 def check_certificates(certs: Path) -> list[str]:
@@ -115,13 +143,14 @@ def check_certificates(certs: Path) -> list[str]:
 
 
 def superlink_command(s: ServerSettings) -> list[str]:
-    """The ``flower-superlink`` command line for ``s`` (TLS and site authentication unless insecure)."""
+    """The ``flower-superlink`` command line for ``s``: on ``127.0.0.1:internal_port``, TLS and site
+    authentication unless insecure."""
     cmd = [
         flower_bin("flower-superlink"),
         "--host",
-        s.host,
+        "127.0.0.1",
         "--port",
-        str(s.port),
+        str(s.internal_port),
         "--database",
         str(s.state_dir / DATABASE),
         "--disable-runtime-dependency-installation",
@@ -142,18 +171,50 @@ def superlink_command(s: ServerSettings) -> list[str]:
     ]
 
 
+def frontdoor_command(s: ServerSettings) -> list[str]:
+    """The front door's command line for ``s``: the public ``host:port``, forwarding to the SuperLink."""
+    cmd = [sys.executable, "-m", "fedlens.ops.frontdoor", "--host", s.host, "--port", str(s.port), "--upstream-port", str(s.internal_port)]
+    if s.insecure:
+        return [*cmd, "--insecure"]
+    assert s.certs is not None
+    paths = CertPaths(s.certs)
+    return [
+        *cmd,
+        "--cert",
+        str(paths.server_cert.resolve()),
+        "--key",
+        str(paths.server_key.resolve()),
+        "--ca",
+        str(paths.ca_cert.resolve()),
+    ]
+
+
 INSECURE_BANNER = """
 ############################################################################
 #  INSECURE SERVER: --insecure turns TLS and site authentication OFF.      #
 #  Model updates travel in plaintext and ANY machine that can reach this  #
-#  port can join as a site or submit runs. Use only on a closed test       #
-#  network; for real sites run `fedlens certs init` and drop --insecure.   #
+#  port can join as a site. Use only on a closed test network; for real    #
+#  sites run `fedlens certs init` and drop --insecure.                     #
 ############################################################################
 """
 
+# How long the SuperLink and the front door may take to listen (a cold start imports a lot).
+_READY_TIMEOUT_S = 120.0
 
-def start_server(s: ServerSettings) -> None:
-    """Check, record and ``exec`` the SuperLink (does not return on success)."""
+
+def start_server(s: ServerSettings) -> int:
+    """Check, record and run the server until SIGTERM/SIGINT; returns 0 then.
+
+    Raises
+    ------
+    CertError
+        Certificates missing, invalid or not matching.
+    ControlError
+        State folder not writable, or a port taken.
+    ServerFailed
+        The SuperLink or the front door ended on its own (the other one was stopped):
+        which one, its exit code and its last output lines.
+    """
     if s.insecure:
         _log.warning(INSECURE_BANNER)
     else:
@@ -170,30 +231,89 @@ def start_server(s: ServerSettings) -> None:
         probe.unlink()
     except OSError as exc:
         raise ControlError(f"state folder {s.state_dir} is not writable: {exc}") from exc
+    if s.internal_port == s.port:
+        raise ControlError(f"--internal-port {s.internal_port} is the public --port; give the SuperLink another loopback port")
     _check_port_free(s.host, s.port)
-    dial = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    _check_port_free("127.0.0.1", s.internal_port, option="--internal-port")
+    info: dict[str, Any] = {
+        # What operator commands dial: the SuperLink itself, on this host's loopback.
+        "address": f"127.0.0.1:{s.internal_port}",
+        "internal_port": s.internal_port,
+        # What sites dial: the front door.
+        "public_address": f"{s.host}:{s.port}",
+        "ca": str(CertPaths(s.certs).ca_cert.resolve()) if s.certs and not s.insecure else None,
+        "insecure": s.insecure,
+        "site_auth": not s.insecure,
+        "pid": os.getpid(),
+    }
+    atomic_write_json(s.state_dir / SERVER_FILE, info)
+    # Without site authentication node ids are not bound to keys: no registry to name sites by.
+    registry = {} if s.insecure else {SITE_REGISTRY_ENV: str((s.state_dir / SITES_FILE).resolve())}
+    sup = Supervisor(flower_env(**registry))
+    previous = {sig: signal.signal(sig, lambda *_: sup.stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _supervise(s, sup, info)
+    finally:
+        sup.stop_all(order=[FRONT_DOOR, SUPERLINK])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _log.info("server stopped")
+
+
+def _supervise(s: ServerSettings, sup: Supervisor, info: dict[str, Any]) -> int:
+    """Start the SuperLink, then the front door; watch both until a stop signal or one of them ends."""
+    try:
+        cmd = superlink_command(s)
+        _log.info("starting the SuperLink on 127.0.0.1:%d: %s", s.internal_port, " ".join(cmd))
+        sup.start(SUPERLINK, cmd)
+        sup.wait_ready(
+            SUPERLINK, lambda: _listening("127.0.0.1", s.internal_port), _READY_TIMEOUT_S, f"listening on port {s.internal_port}"
+        )
+        if sup.stopping.is_set():
+            return 0
+        sup.start(FRONT_DOOR, frontdoor_command(s))
+        sup.wait_ready(FRONT_DOOR, lambda: _listening(s.host, s.port), _READY_TIMEOUT_S, f"listening on {s.host}:{s.port}")
+    except ChildExited as exc:
+        raise ServerFailed(f"the server did not start: {exc}") from exc
+    except TimeoutError as exc:
+        raise ServerFailed(str(exc)) from exc
+    if sup.stopping.is_set():
+        return 0
     atomic_write_json(
-        s.state_dir / SERVER_FILE,
-        {
-            "address": f"{dial}:{s.port}",
-            "ca": str(CertPaths(s.certs).ca_cert.resolve()) if s.certs and not s.insecure else None,
-            "insecure": s.insecure,
-            "site_auth": not s.insecure,
-        },
+        s.state_dir / SERVER_FILE, {**info, "superlink_pid": sup.children[SUPERLINK].pid, "frontdoor_pid": sup.children[FRONT_DOOR].pid}
     )
-    cmd = superlink_command(s)
-    _log.info("starting the SuperLink: %s", " ".join(cmd))
-    os.execve(cmd[0], cmd, flower_env())
+    _log.info(
+        "server ready: sites dial port %d (front door: site API only); operator commands on this host use 127.0.0.1:%d "
+        "(`fedlens run --state-dir %s`)",
+        s.port,
+        s.internal_port,
+        s.state_dir,
+    )
+    ended = sup.watch()
+    if ended is None:
+        _log.info("stop requested; stopping the front door and the SuperLink")
+        return 0
+    raise ServerFailed(f"{sup.report(*ended)}\nstopped the server's other processes")
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _listening(host: str, port: int) -> bool:
+    """Whether ``host:port`` accepts TCP connections (a wildcard host is checked on loopback)."""
+    dial = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        with socket.create_connection((dial, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _check_port_free(host: str, port: int, option: str = "--port") -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
             raise ControlError(
-                f"cannot listen on {host}:{port}: {exc.strerror}; is a server already running? choose another --port"
+                f"cannot listen on {host}:{port}: {exc.strerror}; is a server already running? choose another {option}"
             ) from exc
 
 

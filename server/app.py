@@ -29,13 +29,13 @@ from fedlens.shared.config import RUN_DIR_KEY, FedConfig
 from fedlens.shared.data import load_dataset
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.metrics import ClassificationReport
-from fedlens.shared.protocol import ROUND_OFFSET, RUN_ID
+from fedlens.shared.protocol import ROUND_OFFSET, RUN_ID, SITE_REGISTRY_ENV
 from fedlens.shared.rundir import RunDir
 from fedlens.shared.task import LocalData, Task
 
 from .central_dp import central_summary
 from .guard import AllSitesFailed, RoundReport, RunStopped, SiteGuard, is_refusal, last_line
-from .sites import wait_for_sites
+from .sites import RegistryNamedGrid, SiteRegistry, wait_for_sites
 from .strategies import build_strategy
 
 if TYPE_CHECKING:  # the legacy SecAgg+ module is imported only when a run uses it
@@ -46,7 +46,15 @@ __all__ = ["app", "build_server_app", "serve", "privacy_summary", "AllSitesFaile
 _log = logging.getLogger("fedlens.server")
 
 
-def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = None, expect_sites: int = 0) -> dict[str, Any]:
+def serve(
+    grid: Grid,
+    cfg: FedConfig,
+    run: RunDir,
+    *,
+    started: float | None = None,
+    expect_sites: int = 0,
+    registry: SiteRegistry | None = None,
+) -> dict[str, Any]:
     """Run (or continue) the federated training recorded in ``run``.
 
     Parameters
@@ -86,7 +94,7 @@ def serve(grid: Grid, cfg: FedConfig, run: RunDir, *, started: float | None = No
     initial = task.trainable_state()
     test_data = task.prepare(test, for_training=False)
     strategy = build_strategy(cfg, rounds_done=done)
-    guard = SiteGuard(strategy)
+    guard = SiteGuard(strategy, registry)
     recorder = _RoundRecorder(cfg, run, task, test_data, classes=test.classes, guard=guard, averager=averager, rounds_done=done, wall=wall)
     if expect_sites:
         _await_sites(grid, expect_sites, wait_s=_SITE_WAIT_S)
@@ -307,6 +315,9 @@ def _run_secagg(
     """FedAvg through SecAgg+ (legacy path, behind server.secagg); outcomes go to ``guard``."""
     from .secagg import MAX_WEIGHT, run_secagg_rounds
 
+    if guard.registry is not None:  # the SecAgg+ path reads site names off the replies
+        grid = RegistryNamedGrid(grid, guard.registry)
+
     def on_round(_rnd: int, metrics: dict[str, dict[str, float]], failures: dict[int, str]) -> None:
         guard.current = RoundReport()
         guard.current.train = metrics
@@ -427,7 +438,9 @@ def build_server_app(cfg: FedConfig | None = None, out_dir: str | Path | None = 
 
     Without them (``flwr run`` / ``fedlens run``), the config comes from the run
     config and the run folder from ``run-dir`` (created, or resumed when it already
-    holds this run's checkpoint) or else ``out-dir/<flower run id>``.
+    holds this run's checkpoint) or else ``out-dir/<flower run id>``, and sites are
+    named by the server's site registry (``FEDLENS_SITE_REGISTRY`` in the
+    environment, set by ``fedlens server start``).
     """
     app = ServerApp()
 
@@ -438,9 +451,15 @@ def build_server_app(cfg: FedConfig | None = None, out_dir: str | Path | None = 
             return
         _log_through_flower()
         run, run_cfg = _open_run_dir(context)
+        registry = SiteRegistry.from_env()
+        if registry is None:
+            _log.warning(
+                "no site registry (%s is set by `fedlens server start` with site authentication): sites are named as they call themselves",
+                SITE_REGISTRY_ENV,
+            )
         with _claim(run):
             try:
-                serve(grid, run_cfg, run)
+                serve(grid, run_cfg, run, registry=registry)
             except Exception as exc:
                 run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
                 raise

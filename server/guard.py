@@ -16,6 +16,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlens.shared.protocol import SITE_RECORD
 
+from .sites import SiteRegistry
+
 __all__ = ["SiteGuard", "AllSitesFailed", "RunStopped", "RoundReport", "is_refusal"]
 
 _log = logging.getLogger("fedlens.server.guard")
@@ -62,10 +64,15 @@ class SiteGuard(Strategy):
     ----------
     inner : Strategy
         The aggregation strategy doing the real work.
+    registry : SiteRegistry, optional
+        The server's site registry: sites are named by it (by the node id the
+        authenticated reply came from). Without one (simulation, ``--insecure``),
+        by the name a site reports about itself (:data:`SITE_RECORD`).
     """
 
-    def __init__(self, inner: Strategy) -> None:
+    def __init__(self, inner: Strategy, registry: SiteRegistry | None = None) -> None:
         self.inner = inner
+        self.registry = registry
         self.names: dict[int, str] = {}
         self.current = RoundReport()
         self._sent: list[int] = []
@@ -85,7 +92,7 @@ class SiteGuard(Strategy):
 
     def _name(self, msg: Message) -> str:
         node = self._source(msg)
-        if node not in self.names and msg.has_content() and SITE_RECORD in msg.content.config_records:
+        if self.registry is None and node not in self.names and msg.has_content() and SITE_RECORD in msg.content.config_records:
             name = str(msg.content.config_records[SITE_RECORD]["name"])
             if name in self.names.values():  # names are self-reported: two sites must not merge
                 _log.warning("two sites call themselves %r; the one on node %d is reported as %s@%d", name, node, name, node)
@@ -94,7 +101,9 @@ class SiteGuard(Strategy):
         return self.site_name(node)
 
     def site_name(self, node: int) -> str:
-        """The name a node reported in any reply so far, else ``node-<id>``."""
+        """The node's name in the registry; without a registry, the name it reported in any reply so far, else ``node-<id>``."""
+        if self.registry is not None:
+            return self.registry.name(node)
         return self.names.get(node, f"node-{node}")
 
     def round_failures(self) -> dict[str, str]:

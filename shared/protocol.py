@@ -2,7 +2,7 @@
 environment every Flower process of fedlens runs with (one place for all sides).
 Constants only: nothing here imports Flower."""
 
-__all__ = ["SITE_RECORD", "ROUND_OFFSET", "NUM_EXAMPLES", "RUN_ID", "UNIT_WEIGHT", "PARAM_NAMES_KEY", "FLOWER_ENV"]
+__all__ = ["SITE_RECORD", "ROUND_OFFSET", "NUM_EXAMPLES", "RUN_ID", "UNIT_WEIGHT", "PARAM_NAMES_KEY", "FLOWER_ENV", "SITE_REGISTRY_ENV"]
 
 # Flower must neither phone home nor install packages at run time (runtime dependency
 # installation runs `uv sync` into a fresh environment and pulls a CUDA build of torch).
@@ -12,7 +12,9 @@ FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
 
-# ConfigRecord a site adds to every reply: {"name": <site name>}.
+# ConfigRecord a site adds to every reply: {"name": <site name>}. What a site says it is
+# called: a deployed server with a site registry (SITE_REGISTRY_ENV) ignores it and names
+# the site by its registered key; simulations (`site-N`) and --insecure servers use it.
 SITE_RECORD = "site"
 # ConfigRecord key: rounds completed before this (resumed) server process started.
 ROUND_OFFSET = "round-offset"
@@ -26,3 +28,8 @@ UNIT_WEIGHT = "unit-weight"
 # SecAgg+ train-config key carrying the parameter names, in order: the legacy
 # ``Parameters`` SecAgg+ travels in are a bare list of arrays.
 PARAM_NAMES_KEY = "secagg-param-names"
+# Environment variable `fedlens server start` gives the SuperLink, and through it every
+# ServerApp process it starts: the path of the server's site registry (`sites.json`,
+# written by `fedlens server add-site`: {"<site name>": {"node_id": "<id>", ...}}). The
+# ServerApp names sites by it, never by what a site says about itself.
+SITE_REGISTRY_ENV = "FEDLENS_SITE_REGISTRY"

@@ -41,9 +41,12 @@ class Federation:
     env: dict[str, str]
     cache_dir: str
     site_ports: dict[str, int] = field(default_factory=dict)
+    # The SuperLink's own port on loopback (operator commands); kept across restarts.
+    internal_port: int = field(default_factory=free_port)
 
     @property
     def address(self) -> str:
+        """What sites dial: the front door."""
         return f"127.0.0.1:{self.port}"
 
     def fedlens(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -65,8 +68,10 @@ class Federation:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--internal-port",
+            str(self.internal_port),
         )
-        wait_for(lambda: listening(self.port), 60, "the server to listen")
+        wait_for(lambda: listening(self.port), 120, "the server to listen")
 
     def register(self, site: str) -> None:
         r = self.fedlens("server", "add-site", site, str(self.certs / "sites" / f"{site}.pub"), "--state-dir", str(self.state))
@@ -112,10 +117,8 @@ class Federation:
         return self.procs.start(
             "run",
             "run",
-            "--server",
-            self.address,
-            "--ca",
-            str(self.certs / "ca.pem"),
+            "--state-dir",
+            str(self.state),
             "--config",
             str(self.run_config(**extra)),
             "--out",

@@ -152,7 +152,7 @@ def test_rejections_say_what_is_wrong_and_how_to_fix_it(federation: Federation, 
 def _raw_superlink(federation: Federation, certs, tmp_path, name: str) -> int:
     """A SuperLink serving ``certs`` as they are (fedlens' own start-up checks skipped)."""
     port = free_port()
-    settings = ServerSettings(state_dir=tmp_path / name, certs=certs, host="127.0.0.1", port=port)
+    settings = ServerSettings(state_dir=tmp_path / name, certs=certs, host="127.0.0.1", internal_port=port)
     (tmp_path / name).mkdir()
     raw = subprocess.Popen(
         superlink_command(settings),
@@ -212,7 +212,18 @@ def test_insecure_mode_works_end_to_end_and_says_so(tmp_path, deploy_images, cac
     port = free_port()
     try:
         procs.start(
-            "server", "server", "start", "--insecure", "--state-dir", str(tmp_path / "server"), "--host", "127.0.0.1", "--port", str(port)
+            "server",
+            "server",
+            "start",
+            "--insecure",
+            "--state-dir",
+            str(tmp_path / "server"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--internal-port",
+            str(free_port()),
         )
         wait_for(lambda: listening(port), 60, "the insecure server")
         for site in ("site-a", "site-b"):
@@ -238,9 +249,8 @@ def test_insecure_mode_works_end_to_end_and_says_so(tmp_path, deploy_images, cac
         run = procs.start(
             "run",
             "run",
-            "--insecure",
-            "--server",
-            f"127.0.0.1:{port}",
+            "--state-dir",
+            str(tmp_path / "server"),
             "--config",
             str(tmp_path / "run.toml"),
             "--out",

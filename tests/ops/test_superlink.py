@@ -82,3 +82,97 @@ def test_a_run_folder_is_held_by_one_server_app_at_a_time(tmp_path):
                 pass
     with _claim(run):  # released when the first one ends
         pass
+
+
+def _start(tmp_path, *extra: str):  # type: ignore[no-untyped-def]
+    """`fedlens server start` with TLS on free ports; returns (procs, state dir, public port, server.json)."""
+    import json
+
+    from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
+
+    init_ca(tmp_path / "certs", ["127.0.0.1"])
+    procs = Procs(tmp_path / "logs", flower_env(FLWR_HOME=str(tmp_path / "home")))
+    state, port, internal = tmp_path / "state", free_port(), free_port()
+    procs.start(
+        "server",
+        "server",
+        "start",
+        "--certs",
+        str(tmp_path / "certs"),
+        "--state-dir",
+        str(state),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--internal-port",
+        str(internal),
+        *extra,
+    )
+    wait_for(lambda: listening(port) and "frontdoor_pid" in (state / "server.json").read_text(), 120, "the server")
+    info = json.loads((state / "server.json").read_text())
+    assert info["address"] == f"127.0.0.1:{internal}" and info["public_address"] == f"127.0.0.1:{port}"
+    return procs, state, port, info
+
+
+def _gone(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.deployment
+def test_the_server_is_a_loopback_superlink_behind_a_front_door_and_sigterm_stops_both(tmp_path):
+    import signal
+
+    from fedlens.ops.control import Connection
+    from fedlens.ops.procs import tree
+    from fedlens.ops.superlink import server_connection
+
+    procs, state, port, info = _start(tmp_path)
+    try:
+        server = procs.procs["server"]
+        pids = tree(server.pid)
+        assert {info["superlink_pid"], info["frontdoor_pid"]} <= set(pids)
+        assert server_connection(state).flwr("ls")["success"]  # the operator's way in: loopback
+        with pytest.raises(ControlError, match="--state-dir"):  # not through the sites' port
+            Connection(f"127.0.0.1:{port}", tmp_path / "certs" / "ca.pem").flwr("ls")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert all(_gone(pid) for pid in pids), [p for p in pids if not _gone(p)]
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.deployment
+def test_a_crashed_superlink_stops_the_server_with_a_non_zero_exit_saying_so(tmp_path):
+    import os
+    import signal
+
+    procs, _state, _port, info = _start(tmp_path)
+    try:
+        os.kill(info["superlink_pid"], signal.SIGKILL)
+        assert procs.procs["server"].wait(timeout=60) == 1
+        log = procs.log("server")
+        assert f"the SuperLink (pid {info['superlink_pid']}) was killed by SIGKILL" in log
+        assert "its last lines" in log and "stopped the server's other processes" in log
+        assert _gone(info["frontdoor_pid"])
+    finally:
+        procs.stop_all()
+
+
+def test_start_refuses_an_internal_port_equal_to_the_public_one(tmp_path):
+    from fedlens.ops.superlink import start_server
+
+    init_ca(tmp_path / "c", ["127.0.0.1"])
+    with pytest.raises(ControlError, match="--internal-port"):
+        start_server(ServerSettings(state_dir=tmp_path / "s", certs=tmp_path / "c", host="127.0.0.1", port=9999, internal_port=9999))
+
+
+def test_superlink_listens_on_loopback_only(tmp_path):
+    init_ca(tmp_path / "c", ["localhost"])
+    cmd = superlink_command(ServerSettings(state_dir=tmp_path / "s", certs=tmp_path / "c", host="0.0.0.0", port=9092, internal_port=9193))
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "9193"
