@@ -158,19 +158,25 @@ class SiteExecutor:
         from flwr.supercore.constant import TaskType
 
         client = self._client(auth=True)
+        failures = 0
         try:
             while not self._stop.is_set():
                 try:
                     res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+                    failures = 0
                 except Exception as exc:  # the SuperNode is starting or restarting: try again
-                    _log.debug("%s: no task from the SuperNode yet (%s)", self.site, exc)
+                    failures += 1
+                    (_log.warning if failures % 30 == 1 else _log.debug)(
+                        "%s: cannot take tasks from the SuperNode yet (%s)", self.site, exc
+                    )
                     self._stop.wait(1.0)
                     continue
                 if res.HasField("task") and res.token:
                     task = _Task(token=res.token, run_id=res.task.run_id, fab_hash=res.task.fab_hash)
+                    _log.debug("%s: task %s of run %s", self.site, res.task.task_id, task.run_id)
                     try:
                         self.handle(task)
-                    except Exception:
+                    except (Exception, SystemExit):  # one task's failure (Flower may exit a task) never ends the loop
                         _log.exception("%s: task of run %s failed", self.site, task.run_id)
                 else:
                     self._stop.wait(self.poll_s)
@@ -252,7 +258,6 @@ class SiteExecutor:
             RuntimeVersionHttpInterceptor,
             SuperExecAuthHttpInterceptor,
         )
-        from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
 
         interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec" if auth else "flwr-clientapp")]
@@ -267,5 +272,27 @@ class SiteExecutor:
             insecure=True,  # loopback only, authenticated by the HMAC secret and the task token
             root_certificates=None,
             interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=_retry_invoker(),
         )
+
+
+def _retry_invoker() -> Any:
+    """Retries for calls to the local SuperNode: a few seconds of transport errors, then give up.
+
+    Flower's own invoker is made for one short-lived process per task: on a 401 it sends
+    SIGINT to its own process, and it retries forever. Here one long-lived process serves
+    every task, so a task whose token went stale (a restarted server) must fail alone.
+    """
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    def give_up(exc: Exception) -> bool:
+        return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=5.0),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=60.0,
+        should_giveup=give_up,
+    )
