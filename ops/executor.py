@@ -189,14 +189,14 @@ class SiteExecutor:
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = self._client(token=task.token)
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         status, details = SubStatus.FAILED, "fedlens site executor: task failed"
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = _pull_task_input(client)
             fab_hash = fab.hash_str or task.fab_hash
             if not self.approvals.is_approved(fab_hash):
                 reason = self._refuse(run.run_id, fab_hash, getattr(run, "fab_id", ""))
@@ -274,6 +274,42 @@ class SiteExecutor:
             interceptors=interceptors,
             retry_invoker=_retry_invoker(),
         )
+
+
+# A task's message is on the SuperNode before the task exists, so pulling it takes well under
+# a second. A task whose message never arrives (one of a run the server lost in a restart)
+# must fail within this bound, not block the tasks behind it (Flower's default: 2 hours).
+_PULL_MAX_S = 30.0
+
+
+def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
+    """Flower's ``pull_task_input`` (message, context, run, app), with a bounded object pull."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError(f"the SuperNode holds no message for task {res.task_id} of run {run.run_id}")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        max_time=_PULL_MAX_S,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the id is not in the content
+    return message, context, run, fab
 
 
 def _retry_invoker() -> Any:

@@ -268,7 +268,10 @@ def run_supernode(s: SiteSettings, *, on_run: Callable[..., None] | None = None)
     def stop(signum: int, _frame: object) -> None:
         executor.stop()
         _terminate(proc)
-        raise SystemExit(128 + signum)
+        # Not SystemExit: that would wait for a task's worker threads. Every file the site
+        # writes is crash-safe (ledger: temp file, fsync, rename; audit log: fsynced lines).
+        logging.shutdown()
+        os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
     assert proc.stdout is not None
