@@ -74,8 +74,11 @@ def test_installed_wheel_runs_beside_an_unrelated_client_package(wheel: Path, tm
     (purelib / "stack.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     (purelib / "client").mkdir()
     (purelib / "client" / "__init__.py").write_text('NAME = "unrelated client package"\n')
+    # A clean environment: an earlier simulation in this process (Flower's Ray backend) put the
+    # checkout on PYTHONPATH, where `import client` would find the repository's folder.
+    env = {k: v for k, v in flower_env().items() if k != "PYTHONPATH"}
     probe = "import client, fedlens.client.app, fedlens.shared; print(client.NAME); print(fedlens.shared.__file__)"
-    out = subprocess.run([str(python), "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=flower_env())
+    out = subprocess.run([str(python), "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     name, location = out.stdout.strip().splitlines()[-2:]
     assert name == "unrelated client package"
@@ -98,7 +101,7 @@ def test_installed_wheel_runs_beside_an_unrelated_client_package(wheel: Path, tm
         capture_output=True,
         text=True,
         timeout=900,
-        env=flower_env(),
+        env=env,
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "final accuracy" in run.stdout and (tmp_path / "run" / "summary.json").is_file()
