@@ -99,7 +99,8 @@ def serve(
     if expect_sites:
         _await_sites(grid, expect_sites, wait_s=_SITE_WAIT_S)
     stopped = _run_rounds(grid, cfg, run, guard, initial, recorder.evaluate, rounds_done=done)
-    return _finish(cfg, run, task, strategy, stopped=stopped, wall=wall.seconds())
+    unrecorded = guard.round_failures() if stopped else {}  # the round that stopped the run has no record
+    return _finish(cfg, run, task, strategy, stopped=stopped, unrecorded=unrecorded, wall=wall.seconds())
 
 
 @dataclass(frozen=True)
@@ -286,10 +287,21 @@ def _seeded_site_sampling(seed: int) -> Iterator[None]:
         random.setstate(saved)
 
 
-def _finish(cfg: FedConfig, run: RunDir, task: Task, strategy: Strategy, *, stopped: str | None, wall: float) -> dict[str, Any]:
-    """Write the run summary (results, traffic, privacy) and mark the run finished."""
+def _finish(
+    cfg: FedConfig, run: RunDir, task: Task, strategy: Strategy, *, stopped: str | None, unrecorded: dict[str, str], wall: float
+) -> dict[str, Any]:
+    """Write the run summary (results, traffic, privacy) and mark the run finished.
+
+    ``unrecorded`` holds the site failures of a round that ended the run before it was
+    recorded (every site refused, say); they count in ``site_failures`` like any other.
+    """
     records = run.records()
     summary = _summary(cfg, task, records, wall=wall)
+    for site, reason in unrecorded.items():
+        summary["site_failures"].setdefault(site, []).append(f"round {len(records) + 1}: {last_line(reason)}")
+        if site not in summary["sites"]:
+            summary["sites"] = sorted([*summary["sites"], site])
+            summary["num_sites"] = len(summary["sites"])
     summary["privacy"] = privacy_summary(cfg, records, central=central_summary(strategy, cfg))
     summary["private"] = summary["privacy"]["private"]
     if stopped:
@@ -403,7 +415,7 @@ def privacy_summary(cfg: FedConfig, records: list[dict[str, Any]], *, central: d
                 "accountant": cfg.accountant,
             }
     if not cfg.dp:
-        reason = "dp = false: sites trained without DP-SGD"
+        reason = "dp = false: the run asked sites to train without DP-SGD"
     elif cfg.dp_reproducible:
         reason = "dp-reproducible = true: DP noise was seeded from the run config, which the server knows"
     elif non_private:

@@ -39,4 +39,5 @@ def test_greedy_and_non_private_runs_are_capped_or_refused_at_the_sites(federati
     assert summary["rounds"] == 0 and not summary["private"]
     for site in sites:  # the run stops in round 1, naming every site's refusal
         assert f"{site} refuses to train without differential privacy" in summary["stopped_early"], summary
+        assert "without differential privacy" in " ".join(summary["site_failures"][site]), summary["site_failures"]
         assert ledgers[site].entries() == before[site]
