@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 
 from fedlens.shared.protocol import NUM_EXAMPLES, PARAM_NAMES_KEY, SITE_RECORD
 
-from .sites import wait_for_sites
+from .sites import DelegatingGrid, wait_for_sites
 
 __all__ = ["run_secagg_rounds", "MAX_WEIGHT"]
 
@@ -72,7 +72,7 @@ class _RoundLog:
     failures: dict[int, str] = field(default_factory=dict)
 
 
-class _ObservedGrid(Grid):
+class _ObservedGrid(DelegatingGrid):
     """Delegate to ``grid``; note each site's metrics and failures per SecAgg+ stage.
 
     The legacy workflow keeps replies to itself and its failures carry no node id,
@@ -80,27 +80,8 @@ class _ObservedGrid(Grid):
     """
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.round = _RoundLog()
-
-    def set_run(self, run):  # type: ignore[no-untyped-def]
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)

@@ -85,16 +85,11 @@ class SiteRegistry:
                 _log.error("site registry %s: entry %r has no valid node_id; ignored", self.path, site)
 
 
-class RegistryNamedGrid(Grid):
-    """Delegate to ``grid``; in every reply, replace the site's own name (:data:`SITE_RECORD`) with the registry's.
+class DelegatingGrid(Grid):
+    """A Grid that forwards every call to ``grid``: wrappers override only what they watch."""
 
-    For code that reads site names off replies (the SecAgg+ path), so that it names
-    sites by the registry without knowing about it.
-    """
-
-    def __init__(self, grid: Grid, registry: SiteRegistry) -> None:
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self.registry = registry
 
     def set_run(self, run):  # type: ignore[no-untyped-def]
         self._grid.set_run(run)
@@ -111,6 +106,24 @@ class RegistryNamedGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class RegistryNamedGrid(DelegatingGrid):
+    """Delegate to ``grid``; in every reply, replace the site's own name (:data:`SITE_RECORD`) with the registry's.
+
+    For code that reads site names off replies (the SecAgg+ path), so that it names
+    sites by the registry without knowing about it.
+    """
+
+    def __init__(self, grid: Grid, registry: SiteRegistry) -> None:
+        super().__init__(grid)
+        self.registry = registry
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._named(m) for m in self._grid.pull_messages(message_ids)]
