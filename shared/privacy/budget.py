@@ -211,6 +211,22 @@ class RoundPlan:
     site_accounting: str  # e.g. "rdp", or "max(prv,rdp)" when runs used both
     notes: tuple[str, ...] = field(default=())  # what the site capped or allowed in the request, in words
 
+    def record(self, ledger: PrivacyLedger, *, run_id: str, round: int) -> LedgerEntry:
+        """Write this round to ``ledger`` with the epsilons computed when it was planned (once)."""
+        return ledger.record(
+            run_id=run_id,
+            round=round,
+            noise_multiplier=self.dp.noise_multiplier,
+            sample_rate=self.dp.sample_rate,
+            steps=self.steps,
+            delta=self.delta,
+            accountant=self.accountant,
+            epsilon=self.epsilon_after,
+            site_epsilon=self.site_epsilon_after,
+            site_delta=self.site_delta,
+            site_accounting=self.site_accounting,
+        )
+
 
 @dataclass(frozen=True)
 class SiteGuarantee:

@@ -168,19 +168,7 @@ class SitePrivacy:
                 raise
             # The ledger is on disk before the update leaves the site.
             try:
-                entry = self.ledger.record(
-                    run_id=run_id,
-                    round=round,
-                    noise_multiplier=plan.dp.noise_multiplier,
-                    sample_rate=plan.dp.sample_rate,
-                    steps=plan.steps,
-                    delta=plan.delta,
-                    accountant=plan.accountant,
-                    epsilon=plan.epsilon_after,
-                    site_epsilon=plan.site_epsilon_after,
-                    site_delta=plan.site_delta,
-                    site_accounting=plan.site_accounting,
-                )
+                entry = plan.record(self.ledger, run_id=run_id, round=round)
             except Exception as exc:
                 self._record_unsent(run_id, round, "failed", f"recording the round failed: {type(exc).__name__}: {exc}")
                 raise

@@ -33,19 +33,7 @@ def _run_rounds(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, r
     spent = []
     for rnd in rounds:
         plan = plan_round(ledger, budget, request, num_examples=N)
-        entry = ledger.record(
-            run_id=request.run_id,
-            round=rnd,
-            noise_multiplier=plan.dp.noise_multiplier,
-            sample_rate=plan.dp.sample_rate,
-            steps=plan.steps,
-            delta=plan.delta,
-            accountant=plan.accountant,
-            epsilon=plan.epsilon_after,
-            site_epsilon=plan.site_epsilon_after,
-            site_delta=plan.site_delta,
-            site_accounting=plan.site_accounting,
-        )
+        entry = plan.record(ledger, run_id=request.run_id, round=rnd)
         # The plan's epsilon is the run's whole history composed, as an independent recomputation gives it.
         assert entry.epsilon == pytest.approx(
             epsilon_of(ledger.history(request.run_id), delta=plan.delta, accountant=plan.accountant), rel=1e-9
