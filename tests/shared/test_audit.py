@@ -14,23 +14,13 @@ from fedlens.shared.errors import FedlensError
 from fedlens.shared.privacy import BudgetExceeded, DPRequest, PrivacyLedger, SiteAudit, SiteBudget, SitePrivacy, update_fingerprint
 from fedlens.shared.privacy.outbox import state_digest
 
+from .dp_requests import dp_request
+
 N = 3200
 
 
 def _request(**kw) -> DPRequest:
-    base = dict(
-        run_id="run-a",
-        target_epsilon=1.0,
-        delta=1e-5,
-        max_grad_norm=1.0,
-        num_rounds=2,
-        local_epochs=1,
-        batch_size=64,
-        accountant="rdp",
-        secure_rng=False,
-        reproducible=False,
-    )
-    return DPRequest(**{**base, **kw})
+    return dp_request(**{"target_epsilon": 1.0, "num_rounds": 2, **kw})
 
 
 def _round(audit: SiteAudit, rnd: int, outcome: str = "trained") -> dict:
@@ -143,6 +133,7 @@ def test_records_must_say_what_was_sent_exactly_when_something_was(tmp_path):
 _APPENDER = """
 import sys
 from fedlens.shared.privacy import SiteAudit
+
 audit = SiteAudit(sys.argv[1])
 for i in range(40):
     audit.run_seen(run_id=f"{sys.argv[2]}-{i}", app_hash="a" * 64, accepted=True, reason="x" * 2000)

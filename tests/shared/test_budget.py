@@ -10,23 +10,9 @@ from fedlens.shared.config import DEFAULT_DELTA
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.privacy import BudgetExceeded, DPRequest, PrivacyLedger, SiteBudget, epsilon_of, plan_round, site_guarantee
 
+from .dp_requests import dp_request
+
 N = 3200  # images at the site: q = 64 / 3200, 50 steps per round
-
-
-def _request(run_id: str = "run-a", **kw) -> DPRequest:
-    base = dict(
-        run_id=run_id,
-        target_epsilon=3.0,
-        delta=1e-5,
-        max_grad_norm=1.0,
-        num_rounds=5,
-        local_epochs=1,
-        batch_size=64,
-        accountant="rdp",
-        secure_rng=False,
-        reproducible=False,
-    )
-    return DPRequest(**{**base, **kw})
 
 
 def _run_rounds(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, rounds: range) -> list[float]:
@@ -44,25 +30,25 @@ def _run_rounds(ledger: PrivacyLedger, budget: SiteBudget, request: DPRequest, r
 
 def test_planned_rounds_fit_and_use_most_of_the_target_then_the_site_refuses(tmp_path):
     ledger, budget = PrivacyLedger(tmp_path), SiteBudget(max_epsilon=3.0)
-    spent = _run_rounds(ledger, budget, _request(), range(1, 6))
+    spent = _run_rounds(ledger, budget, dp_request(), range(1, 6))
     assert spent == sorted(spent) and 0.9 * 3.0 <= spent[-1] <= 3.0
     before = ledger.path.read_bytes()
     with pytest.raises(BudgetExceeded, match="Nothing was trained"):
-        plan_round(ledger, budget, _request(), num_examples=N)  # a 6th round does not fit
+        plan_round(ledger, budget, dp_request(), num_examples=N)  # a 6th round does not fit
     assert ledger.path.read_bytes() == before  # a refusal records nothing
 
 
 def test_noise_stays_fixed_for_the_run_across_restarts(tmp_path):
-    _run_rounds(PrivacyLedger(tmp_path), SiteBudget(max_epsilon=3.0), _request(), range(1, 3))
+    _run_rounds(PrivacyLedger(tmp_path), SiteBudget(max_epsilon=3.0), dp_request(), range(1, 3))
     reopened = PrivacyLedger(tmp_path)  # a restarted site process
-    plan = plan_round(reopened, SiteBudget(max_epsilon=3.0), _request(), num_examples=N)
+    plan = plan_round(reopened, SiteBudget(max_epsilon=3.0), dp_request(), num_examples=N)
     assert plan.dp.noise_multiplier == reopened.entries()[0].noise_multiplier
     assert plan.epsilon_after > reopened.spent("run-a")  # the history is carried, not reset
 
 
 def test_the_server_cannot_raise_what_a_site_spends(tmp_path):
     ledger, budget = PrivacyLedger(tmp_path), SiteBudget(max_epsilon=1.0, delta=1e-6)
-    greedy = _request(target_epsilon=50.0, delta=1e-2)
+    greedy = dp_request(target_epsilon=50.0, delta=1e-2)
     spent = _run_rounds(ledger, budget, greedy, range(1, 6))
     assert spent[-1] <= 1.0  # calibrated to the site's cap, not the request
     assert ledger.entries()[-1].delta == 1e-6  # the stricter delta wins
@@ -72,8 +58,8 @@ def test_the_server_cannot_raise_what_a_site_spends(tmp_path):
 
 def test_budget_spans_runs(tmp_path):
     ledger, budget = PrivacyLedger(tmp_path), SiteBudget(max_epsilon=4.0)
-    first = _run_rounds(ledger, budget, _request("run-a"), range(1, 6))[-1]
-    second = _run_rounds(ledger, budget, _request("run-b"), range(1, 6))[-1]
+    first = _run_rounds(ledger, budget, dp_request("run-a"), range(1, 6))[-1]
+    second = _run_rounds(ledger, budget, dp_request("run-b"), range(1, 6))[-1]
     # Both runs composed in one accountant at the site's delta stay within the budget (and well below the
     # sum of the two runs' epsilons, the old basic-composition bound).
     composed = site_guarantee(ledger.entries(), delta=budget.delta).epsilon
@@ -83,7 +69,7 @@ def test_budget_spans_runs(tmp_path):
     old = epsilon_of([(0.5, 0.02, 500)], delta=1e-5, accountant="rdp")
     ledger.record(run_id="run-old", round=1, noise_multiplier=0.5, sample_rate=0.02, steps=500, delta=1e-5, accountant="rdp", epsilon=old)
     with pytest.raises(BudgetExceeded, match="used up"):
-        plan_round(ledger, budget, _request("run-c"), num_examples=N)
+        plan_round(ledger, budget, dp_request("run-c"), num_examples=N)
 
 
 def test_node_config_budget_is_required_and_checked():
@@ -99,14 +85,14 @@ def test_node_config_budget_is_required_and_checked():
 
 def test_weak_delta_and_tiny_sites_are_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fedlens.privacy.budget"):
-        plan_round(PrivacyLedger(tmp_path), SiteBudget(max_epsilon=3.0, delta=0.5), _request(delta=0.01), num_examples=200)
+        plan_round(PrivacyLedger(tmp_path), SiteBudget(max_epsilon=3.0, delta=0.5), dp_request(delta=0.01), num_examples=200)
     text = caplog.text
     assert "not below 1/n" in text and "noise will swamp" in text
 
 
 def test_reported_epsilon_can_be_recomputed_from_the_ledger(tmp_path):
     ledger = PrivacyLedger(tmp_path)
-    _run_rounds(ledger, SiteBudget(max_epsilon=3.0), _request(), range(1, 6))
+    _run_rounds(ledger, SiteBudget(max_epsilon=3.0), dp_request(), range(1, 6))
     e = ledger.entries()[-1]
     total = [(e.noise_multiplier, e.sample_rate, ledger.steps("run-a"))]
     assert epsilon_of(total, delta=e.delta, accountant=e.accountant) == pytest.approx(e.epsilon, rel=1e-9)

@@ -10,24 +10,14 @@ import torch
 from fedlens.shared.privacy import DPRequest, PrivacyLedger, SiteBudget, SitePrivacy, epsilon_of, site_guarantee
 from fedlens.shared.privacy.accounting import _epsilon_kwargs
 
+from .dp_requests import dp_request
+
 N = 3200
 SITE_DELTA = 1e-5
 
 
 def _request(run_id: str, **kw) -> DPRequest:
-    base = dict(
-        run_id=run_id,
-        target_epsilon=3.0,
-        delta=SITE_DELTA,
-        max_grad_norm=1.0,
-        num_rounds=5,
-        local_epochs=1,
-        batch_size=64,
-        accountant="rdp",
-        secure_rng=False,
-        reproducible=False,
-    )
-    return DPRequest(**{**base, **kw})
+    return dp_request(run_id, **{"delta": SITE_DELTA, **kw})
 
 
 def _train(dp):

@@ -21,24 +21,14 @@ from fedlens.shared.privacy import (
     site_guarantee,
 )
 
+from .dp_requests import dp_request
+
 N = 3200  # training images at the site: q = 64 / 3200, 50 steps per round
 SITE_DELTA = 1e-5
 
 
 def _request(run_id: str = "run-x", **kw) -> DPRequest:
-    base = dict(
-        run_id=run_id,
-        target_epsilon=1.0,
-        delta=SITE_DELTA,
-        max_grad_norm=1.0,
-        num_rounds=5,
-        local_epochs=1,
-        batch_size=64,
-        accountant="rdp",
-        secure_rng=False,
-        reproducible=False,
-    )
-    return DPRequest(**{**base, **kw})
+    return dp_request(run_id, **{"target_epsilon": 1.0, "delta": SITE_DELTA, **kw})
 
 
 class _Training:

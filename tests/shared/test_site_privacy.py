@@ -7,26 +7,12 @@ import fcntl
 import pytest
 import torch
 
-from fedlens.shared.privacy import DPSGD, BudgetExceeded, DPRequest, PrivacyLedger, SiteBudget, SitePrivacy, epsilon_of, plan_round
+from fedlens.shared.privacy import DPSGD, BudgetExceeded, PrivacyLedger, SiteBudget, SitePrivacy, epsilon_of, plan_round
 from fedlens.shared.privacy import budget as budget_module
 
+from .dp_requests import dp_request
+
 N = 3200  # images at the site: q = 64 / 3200, 50 steps per round
-
-
-def _request(run_id: str = "run-a", **kw) -> DPRequest:
-    base = dict(
-        run_id=run_id,
-        target_epsilon=3.0,
-        delta=1e-5,
-        max_grad_norm=1.0,
-        num_rounds=5,
-        local_epochs=1,
-        batch_size=64,
-        accountant="rdp",
-        secure_rng=False,
-        reproducible=False,
-    )
-    return DPRequest(**{**base, **kw})
 
 
 class _Training:
@@ -54,12 +40,12 @@ def _snapshot(privacy: SitePrivacy) -> tuple[bytes | None, bytes | None]:
 
 def test_a_trained_round_is_recorded_once_at_the_epsilon_its_plan_computed(tmp_path, monkeypatch):
     privacy, train, model = _site(tmp_path), _Training(), {"w": torch.zeros(3)}
-    planned = plan_round(privacy.ledger, privacy.budget, _request(), num_examples=N, site="clinic-a")  # planning records nothing
+    planned = plan_round(privacy.ledger, privacy.budget, dp_request(), num_examples=N, site="clinic-a")  # planning records nothing
     calls = []
     real = budget_module.epsilon_of
     monkeypatch.setattr(budget_module, "epsilon_of", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
-    state, n, metrics = privacy.run_round(request=_request(), round=1, global_state=model, num_examples=N, train=train)
+    state, n, metrics = privacy.run_round(request=dp_request(), round=1, global_state=model, num_examples=N, train=train)
 
     entries = privacy.ledger.entries()
     assert len(entries) == 1 and entries[0].round == 1
@@ -73,31 +59,31 @@ def test_a_trained_round_is_recorded_once_at_the_epsilon_its_plan_computed(tmp_p
 
 def test_a_round_whose_training_fails_records_nothing(tmp_path):
     privacy = _site(tmp_path)
-    privacy.run_round(request=_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=_Training())
+    privacy.run_round(request=dp_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=_Training())
     before = _snapshot(privacy)
 
     with pytest.raises(RuntimeError, match="fell over"):
-        privacy.run_round(request=_request(), round=2, global_state={"w": torch.ones(3)}, num_examples=N, train=_Training(fail=True))
+        privacy.run_round(request=dp_request(), round=2, global_state={"w": torch.ones(3)}, num_examples=N, train=_Training(fail=True))
 
     assert _snapshot(privacy) == before  # neither the ledger nor the outbox moved
-    privacy.run_round(request=_request(), round=2, global_state={"w": torch.ones(3)}, num_examples=N, train=_Training())
+    privacy.run_round(request=dp_request(), round=2, global_state={"w": torch.ones(3)}, num_examples=N, train=_Training())
     assert [e.round for e in privacy.ledger.entries()] == [1, 2]  # the lock was released; the retry is one spend
 
 
 def test_a_re_asked_round_is_re_sent_without_a_new_ledger_entry(tmp_path):
     privacy, model = _site(tmp_path), {"w": torch.zeros(3)}
-    first = privacy.run_round(request=_request(), round=1, global_state=model, num_examples=N, train=_Training())
+    first = privacy.run_round(request=dp_request(), round=1, global_state=model, num_examples=N, train=_Training())
     ledger_before = privacy.ledger.path.read_bytes()
 
     retrain = _Training()
     again = SitePrivacy(privacy.budget, PrivacyLedger(tmp_path / "state"), site="clinic-a").run_round(  # a restarted site process
-        request=_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=retrain
+        request=dp_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=retrain
     )
 
     assert retrain.mechanisms == [] and privacy.ledger.path.read_bytes() == ledger_before
     assert torch.equal(again[0]["w"], first[0]["w"]) and again[1:] == first[1:]
     # Another global model is another round of training, and another spend.
-    privacy.run_round(request=_request(), round=1, global_state={"w": torch.ones(3)}, num_examples=N, train=_Training())
+    privacy.run_round(request=dp_request(), round=1, global_state={"w": torch.ones(3)}, num_examples=N, train=_Training())
     assert len(privacy.ledger.entries()) == 2
 
 
@@ -110,7 +96,7 @@ def test_an_exhausted_budget_refuses_before_training(tmp_path):
     before = _snapshot(privacy)
 
     with pytest.raises(BudgetExceeded, match="Nothing was trained"):
-        privacy.run_round(request=_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=train)
+        privacy.run_round(request=dp_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=train)
 
     assert train.mechanisms == [] and _snapshot(privacy) == before
 
@@ -129,5 +115,5 @@ def test_the_budget_is_locked_while_the_round_trains(tmp_path):
                 fcntl.flock(other, fcntl.LOCK_UN)
         return {"w": torch.zeros(3)}, N, {}
 
-    privacy.run_round(request=_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=train)
+    privacy.run_round(request=dp_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=train)
     assert seen == ["locked"]
