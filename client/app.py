@@ -236,6 +236,11 @@ def build_client_app(cfg: FedConfig | None = None, *, state_root: str | Path | N
 
     def root_for(context: Context) -> Path | None:
         if state_root is not None:
+            if not Path(state_root).is_dir():  # a Ray node that does not mount the run folder
+                raise FedlensError(
+                    f"the run folder's {Path(state_root).name}/ ({state_root}) is not visible on the machine running this site; "
+                    "on a Ray cluster, put the run folder on storage every node mounts at the same path"
+                )
             return Path(state_root)
         if "out-dir" in context.run_config:  # flwr run: the ServerApp's run folder
             return Path(str(context.run_config["out-dir"])) / str(context.run_id) / "sites"

@@ -48,10 +48,12 @@ def _pool(cfg: FedConfig) -> tuple[Task, ImageSet, LocalData]:
     return task, train, task.prepare(train, for_training=True)
 
 
-@functools.lru_cache(maxsize=64)
-def _partition(cfg: FedConfig, site: int) -> np.ndarray:
+@functools.lru_cache(maxsize=2)
+def _partitions(cfg: FedConfig) -> tuple[np.ndarray, ...]:
+    # Every site's indices, computed once per process: a process serves many of a
+    # thousand simulated sites, and the split of the pool is one computation for all.
     _task, pool, _data = _pool(cfg)
-    return partition(pool.labels.numpy(), cfg)[site]
+    return tuple(partition(pool.labels.numpy(), cfg))
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,7 +75,7 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
                 f'(flwr run . local --federation-config "num-supernodes={cfg.num_sites}")'
             )
         task, pool, pool_data = _pool(cfg)
-        idx = _partition(cfg, site_id)
+        idx = _partitions(cfg)[site_id]
         data = pool_data.subset(torch.as_tensor(idx))
         labels = pool.labels.numpy()[idx]
         name = f"site-{site_id}"

@@ -43,6 +43,7 @@ ACCOUNTANTS = ("rdp", "prv")
 CENTRAL_DP = ("off", "server", "client")
 AUGMENTS = ("flip", "crop", "color")
 _POLICY = re.compile(r"head|full|last-([1-9][0-9]*)")
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 # 1e-5: well below 1/n for sites of a few thousand images (a delta >= 1/n would allow
 # leaking whole records). The default of runs and of sites alike.
 DEFAULT_DELTA = 1e-5
@@ -166,6 +167,16 @@ class FedConfig:
     device: str = _opt("auto", "auto uses CUDA when present", DEVICES)
     feature_cache: bool = _opt(True, "cache the frozen part's outputs when no augmentation applies (exact, faster)")
     cache_dir: str = _opt("", "feature/data cache folder (default: $XDG_CACHE_HOME/fedlens)")
+    # --- simulation engine (Ray) ------------------------------------------------
+    ray_address: str = _opt(
+        "",
+        "simulation: attach to this running Ray cluster (HOST:PORT of its head, as `ray start --head` prints) "
+        "instead of starting a private one on this machine; the run folder and data must be at the same paths on every node",
+    )
+    site_cpus: float = _opt(1.0, "simulation: CPU cores each simulated site reserves (Ray resource; cores / site-cpus sites run at once)")
+    site_gpus: float = _opt(
+        0.5, "simulation: share of one GPU each simulated site reserves when sites use CUDA (0.25 = four sites share a GPU)"
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -326,6 +337,13 @@ def _check_ranges(cfg: FedConfig) -> None:
             f"`secagg-threshold` must be in [1, secagg-shares = {cfg.secagg_shares}], got {cfg.secagg_threshold}",
         )
         need(cfg.secagg_clip_range > 0.0, f"`secagg-clip-range` must be > 0, got {cfg.secagg_clip_range}")
+    need(cfg.site_cpus > 0.0, f"`site-cpus` must be > 0, got {cfg.site_cpus}")
+    need(0.0 < cfg.site_gpus <= 1.0, f"`site-gpus` must be in (0, 1] (a share of one GPU), got {cfg.site_gpus}")
+    need(
+        not cfg.ray_address or _HOST_PORT.fullmatch(cfg.ray_address) is not None,
+        f"`ray-address` must be the HOST:PORT of a running Ray cluster's head, e.g. 10.0.0.5:6379 "
+        f"(empty = a private local Ray), got {cfg.ray_address!r}",
+    )
     need(cfg.dataset == "fashion-mnist" or bool(cfg.data_path), f"`dataset = {cfg.dataset!r}` needs `data-path`")
     policy_parts(cfg.policy)
     augment_names(cfg.augment)

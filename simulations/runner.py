@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,22 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
             _log.info("run in %s already finished all %d rounds; nothing to do", out, cfg.num_rounds)
             return run.read_json("summary.json")
         run.prepare_resume()
+    backend = _backend_config(cfg)  # an attached cluster is checked before any work
+    try:
+        return _simulate(cfg, out, resume=resume, backend=backend, started=started)
+    finally:
+        if cfg.ray_address:  # Flower disconnects on a normal end; make sure of it on every end
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+def _simulate(cfg: FedConfig, out: str | Path, *, resume: bool, backend: dict[str, Any], started: float) -> dict[str, Any]:
+    run = RunDir(out) if resume else None
     train, test = load_dataset(cfg)
     sites = partition(train.labels.numpy(), cfg)
-    if not resume:
+    if run is None:
         run = RunDir.create(out, cfg)  # only once data and partition are known to be valid
     counts = class_counts(train.labels.numpy(), sites, train.num_classes)
     run.write_json(
@@ -150,13 +164,7 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
     from fedlens.client.app import build_client_app
     from fedlens.server.app import build_server_app
 
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count() or 1}}
-    if cfg.device != "cpu":
-        import torch
-
-        if torch.cuda.is_available():
-            backend["client_resources"]["num_gpus"] = 0.5
-            backend["init_args"]["num_gpus"] = torch.cuda.device_count()
+    (run.path / SITES_DIR).mkdir(exist_ok=True)  # simulated sites check that they see it (shared storage)
     try:
         run_simulation(
             server_app=build_server_app(cfg, run.path, started=started),
@@ -176,6 +184,75 @@ def simulate(cfg: FedConfig, out: str | Path, *, resume: bool = False) -> dict[s
     if cfg.report_per_class > 0 and run.completed_rounds() > 0:
         _report(cfg, run, test)
     return summary
+
+
+def _backend_config(cfg: FedConfig) -> dict[str, Any]:
+    """Flower's Ray backend settings: a private local Ray, or an attached cluster.
+
+    A private Ray gets this machine's cores and GPUs. An attached cluster
+    (``ray-address``) keeps its own resources; Ray is connected here first, so
+    that a wrong address or a cluster too small for one site fails before the run
+    starts, with the cluster's resources in the message.
+
+    Raises
+    ------
+    SimulationFailed
+        If the cluster cannot be reached or cannot fit one site.
+    """
+    resources: dict[str, float] = {"num_cpus": cfg.site_cpus, "num_gpus": 0.0}
+    if not cfg.ray_address:
+        # address="local": never join a cluster that `ray start` left on this machine.
+        init_args: dict[str, Any] = {"address": "local", "num_cpus": os.cpu_count() or 1}
+        if cfg.device != "cpu":
+            import torch
+
+            if torch.cuda.is_available():
+                resources["num_gpus"] = cfg.site_gpus
+                init_args["num_gpus"] = torch.cuda.device_count()
+        return {"client_resources": resources, "init_args": init_args}
+
+    import ray
+
+    host, _, port = cfg.ray_address.rpartition(":")
+    try:  # Ray itself retries an unreachable address for minutes
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise SimulationFailed(
+            f"cannot attach to the Ray cluster at {cfg.ray_address!r}: nothing answers there ({exc}). Start it with `ray start --head` "
+            "(and `ray start --address HEAD:PORT` on every other node), or leave `ray-address` empty for a private local Ray"
+        ) from exc
+    try:
+        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise SimulationFailed(
+            f"cannot attach to the Ray cluster at {cfg.ray_address!r}: {exc}. Start it with `ray start --head` "
+            "(and `ray start --address HEAD:PORT` on every other node), or leave `ray-address` empty for a private local Ray"
+        ) from exc
+    total = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus, gpus = float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0))
+    if gpus > 0 and cfg.device != "cpu":
+        resources["num_gpus"] = cfg.site_gpus
+    elif cfg.device == "cuda":
+        ray.shutdown()
+        raise SimulationFailed(f'`device = "cuda"` but the Ray cluster at {cfg.ray_address} has no GPU')
+    if cpus < cfg.site_cpus:
+        ray.shutdown()
+        raise SimulationFailed(
+            f"the Ray cluster at {cfg.ray_address} offers {cpus:g} CPUs, less than one site's `site-cpus` = {cfg.site_cpus:g}"
+        )
+    at_once = int(cpus // cfg.site_cpus)
+    if resources["num_gpus"]:
+        at_once = min(at_once, int(gpus // resources["num_gpus"]))
+    _log.info(
+        "attached to the Ray cluster at %s: %d nodes, %g CPUs, %g GPUs; up to %d sites train at once",
+        cfg.ray_address,
+        len(nodes),
+        cpus,
+        gpus,
+        at_once,
+    )
+    return {"client_resources": resources}
 
 
 def _report(cfg: FedConfig, run: RunDir, test: Any) -> None:

@@ -31,6 +31,10 @@ def test_snake_case_keys_are_not_accepted():
     "key, value, fragment",
     [
         ("alpha", 0.0, "alpha"),
+        ("ray-address", "auto", "HOST:PORT"),
+        ("ray-address", "10.0.0.5", "HOST:PORT"),
+        ("site-cpus", 0.0, "site-cpus"),
+        ("site-gpus", 1.5, "site-gpus"),
         ("alpha", -1.0, "alpha"),
         ("fraction-train", 0.0, "fraction-train"),
         ("fraction-train", 1.5, "fraction-train"),
@@ -111,3 +115,8 @@ def test_every_experiment_overlay_is_valid():
 
 def test_config_keys_are_kebab_case():
     assert all("_" not in k for k in config_keys())
+
+
+def test_a_ray_cluster_address_is_host_and_port():
+    for address in ("127.0.0.1:6379", "head.cluster.local:6379", "[::1]:6379", ""):
+        assert FedConfig.from_mapping({"ray-address": address}).ray_address == address
