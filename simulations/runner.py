@@ -14,9 +14,9 @@ import numpy as np
 from fedlens.shared.config import FedConfig
 from fedlens.shared.data import load_dataset
 from fedlens.shared.data.partition import class_counts, partition
-from fedlens.shared.errors import FedlensError
+from fedlens.shared.errors import DataError, FedlensError
 from fedlens.shared.privacy import check_privacy_params
-from fedlens.shared.privacy.dpsgd import INSECURE_RNG_WARNING, sample_rate_for, secure_generator
+from fedlens.shared.privacy.dpsgd import INSECURE_RNG_WARNING, secure_generator
 from fedlens.shared.protocol import FLOWER_ENV
 from fedlens.shared.rundir import SITES_DIR, RunDir
 from fedlens.shared.task import Task, local_split_indices
@@ -85,11 +85,27 @@ def _check_privacy(cfg: FedConfig, labels: np.ndarray, sites: list[np.ndarray]) 
         secure_generator()  # raises with instructions when torchcsprng is missing
     else:
         _log.warning("%s", INSECURE_RNG_WARNING)
-    smallest = None
-    for idx in sites:
-        rest, _held = local_split_indices(labels[idx], cfg.site_eval_fraction, seed=cfg.seed)
-        sample_rate_for(cfg.batch_size, len(rest))  # raises for a site no larger than a batch
-        smallest = len(rest) if smallest is None else min(smallest, len(rest))
+    sizes = [len(local_split_indices(labels[idx], cfg.site_eval_fraction, seed=cfg.seed)[0]) for idx in sites]
+    usable = [n for n in sizes if n > cfg.batch_size]
+    if len(usable) < min(cfg.min_sites, len(sizes)):
+        raise DataError(
+            f"only {len(usable)} of {len(sizes)} sites hold more training images than `batch-size` ({cfg.batch_size}; "
+            f"the smallest holds {min(sizes)}), and a round needs `min-sites` = {cfg.min_sites}: DP-SGD cannot subsample "
+            f"a site no larger than one batch. Lower `batch-size` (e.g. {max(1, min(sizes) // 8)}) or use fewer, larger sites"
+        )
+    if len(usable) < len(sizes):
+        # Such a site refuses the round when sampled (DP-SGD would see every image at every
+        # step, no subsampling to account for) and the round goes on with the others.
+        _log.warning(
+            "%d of %d sites hold no more training images than one DP batch (batch-size %d; the smallest holds %d): "
+            "they refuse every round they are sampled for and the rounds go on without them; "
+            "lower batch-size, or use fewer, larger sites, to include them",
+            len(sizes) - len(usable),
+            len(sizes),
+            cfg.batch_size,
+            min(sizes),
+        )
+    smallest = min(usable)
     for warning in check_privacy_params(epsilon=cfg.target_epsilon, delta=cfg.delta, dataset_size=smallest):
         _log.warning("smallest site: %s", warning)
     _log.info(

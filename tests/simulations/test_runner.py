@@ -1,13 +1,17 @@
-"""The local runner's filter on Flower's log: it drops the one notice it names, nothing else."""
+"""The local runner: its filter on Flower's log, and its checks before a run starts."""
 
 from __future__ import annotations
 
 import io
 import logging
 
+import numpy as np
+import pytest
 from flwr.supercore.logger import warn_deprecated_feature
 
-from fedlens.simulations.runner import _DropRunSimulationNotice
+from fedlens.shared.config import FedConfig
+from fedlens.shared.errors import DataError
+from fedlens.simulations.runner import _check_privacy, _DropRunSimulationNotice
 
 # What Flower 1.42's `run_simulation` logs on every call (flwr/simulation/run_simulation.py).
 RUN_SIMULATION_NOTICE = (
@@ -44,3 +48,24 @@ def test_other_deprecation_notices_still_show():
     )
     assert "run_simulation" not in out
     assert "Grid.create_message` is deprecated" in out and "`SecAggPlusWorkflow` is deprecated" in out
+
+
+def _sites(sizes: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    labels = np.arange(sum(sizes)) % 3
+    bounds = np.cumsum([0, *sizes])
+    return labels, [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def test_sites_no_larger_than_a_batch_are_named_and_the_run_goes_on(caplog):
+    labels, sites = _sites([200, 200, 200, 20, 30])
+    cfg = FedConfig.from_mapping({"num-sites": 5, "batch-size": 32, "site-eval-fraction": 0.0})
+    with caplog.at_level(logging.WARNING, logger="fedlens.simulations"):
+        _check_privacy(cfg, labels, sites)
+    assert "2 of 5 sites hold no more training images than one DP batch (batch-size 32; the smallest holds 20)" in caplog.text
+
+
+def test_too_few_sites_larger_than_a_batch_for_min_sites_is_refused_before_the_run():
+    labels, sites = _sites([200, 20, 30, 10])
+    cfg = FedConfig.from_mapping({"num-sites": 4, "min-sites": 2, "batch-size": 32, "site-eval-fraction": 0.0})
+    with pytest.raises(DataError, match=r"only 1 of 4 sites hold more training images than `batch-size` \(32; the smallest holds 10\)"):
+        _check_privacy(cfg, labels, sites)
