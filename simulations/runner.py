@@ -63,10 +63,28 @@ def quiet_flower() -> None:
             handler.addFilter(_DropRunSimulationNotice())
 
 
+# Up to this many sites the log shows each site's class counts; more get a summary
+# (every site's counts are in the run folder's partitions.json either way).
+_SITE_ROWS = 20
+
+
 def _log_partitions(cfg: FedConfig, counts: list[list[int]], classes: tuple[str, ...]) -> None:
+    _log.info("%s partition of %d images over %d sites (seed %d):", cfg.partition, sum(map(sum, counts)), cfg.num_sites, cfg.seed)
+    if len(counts) > _SITE_ROWS:
+        sizes = np.array([sum(row) for row in counts])
+        held = np.array([sum(1 for n in row if n) for row in counts])
+        _log.info(
+            "images per site: min %d, median %d, max %d; classes per site: min %d, median %d, max %d (each site's counts: partitions.json)",
+            sizes.min(),
+            int(np.median(sizes)),
+            sizes.max(),
+            held.min(),
+            int(np.median(held)),
+            held.max(),
+        )
+        return
     width = max(5, *(len(str(max(row))) for row in counts))
     header = "site      " + " ".join(f"{c[:width]:>{width}}" for c in classes) + "   total"
-    _log.info("%s partition of %d images over %d sites (seed %d):", cfg.partition, sum(map(sum, counts)), cfg.num_sites, cfg.seed)
     _log.info("%s", header)
     for i, row in enumerate(counts):
         _log.info("%s", f"site-{i:<4} " + " ".join(f"{n:>{width}}" for n in row) + f"   {sum(row):>5}")

@@ -140,6 +140,33 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
 
 
+# Up to this many sites the model card lists each one; a larger federation gets a summary.
+SITE_ROWS = 20
+
+
+def _site_privacy(sites: dict[str, dict[str, float]]) -> str:
+    """The privacy each site spent: one row per site, or for a large federation its spread and the top spenders."""
+    e = html.escape
+    header = "<table><tr><th class='l'>site</th><th>epsilon spent</th><th>delta</th></tr>"
+
+    def row(name: str, v: dict[str, float]) -> str:
+        return f"<tr><td class='l'>{e(name)}</td><td>{v['epsilon']:.3f}</td><td>{v['delta']:.1e}</td></tr>"
+
+    if len(sites) <= SITE_ROWS:
+        return header + "".join(row(s, v) for s, v in sites.items()) + "</table>"
+    eps = np.array([v["epsilon"] for v in sites.values()])
+    deltas = sorted({v["delta"] for v in sites.values()})
+    top = sorted(sites.items(), key=lambda kv: -kv[1]["epsilon"])[:5]
+    return (
+        f"<p>{len(sites)} sites trained. Epsilon spent: min {eps.min():.3f}, median {np.median(eps):.3f}, max {eps.max():.3f}; "
+        f"delta {', '.join(f'{d:.1e}' for d in deltas)}. The five largest spenders:</p>"
+        + header
+        + "".join(row(s, v) for s, v in top)
+        + "</table><p>Every site's figures: <code>summary.json</code> (<code>privacy.sites</code>) in the run folder, "
+        "or a site's ledger with <code>fedlens privacy show RUN/sites/SITE</code>.</p>"
+    )
+
+
 def render_html(report: dict[str, Any], images: torch.Tensor, maps: dict[str, torch.Tensor]) -> str:
     """The report page; ``images`` are the explained examples (uint8) in report order."""
     import matplotlib
@@ -191,12 +218,7 @@ def render_html(report: dict[str, Any], images: torch.Tensor, maps: dict[str, to
     parts += [f"<tr><th class='l'>{e(k)}</th><td class='l'>{e(str(v))}</td></tr>" for k, v in rows]
     parts.append("</table>")
     if card.get("site_privacy"):
-        parts.append("<table><tr><th class='l'>site</th><th>epsilon spent</th><th>delta</th></tr>")
-        parts += [
-            f"<tr><td class='l'>{e(s)}</td><td>{v['epsilon']:.3f}</td><td>{v['delta']:.1e}</td></tr>"
-            for s, v in card["site_privacy"].items()
-        ]
-        parts.append("</table>")
+        parts.append(_site_privacy(card["site_privacy"]))
 
     parts.append("<h2>Performance</h2>")
     parts.append(

@@ -15,6 +15,7 @@ from fedlens.shared.checkpoint import save_checkpoint
 from fedlens.shared.config import FedConfig
 from fedlens.shared.errors import CheckpointError, DataError
 from fedlens.shared.explain import ExplainOptions, attribute, deletion_insertion, explain, method_names, randomized_copy, rank_correlation
+from fedlens.shared.explain.render import _site_privacy
 from fedlens.shared.models import FedModel
 from fedlens.shared.task import Task
 
@@ -169,3 +170,15 @@ def test_report_is_reproducible_and_leaves_the_global_rng_alone(model_file, imag
         for t in report["trust"]["methods"].values():
             t.pop("seconds")
     assert first == second
+
+
+def test_the_model_card_lists_a_few_sites_and_summarises_a_thousand():
+    few = {f"site-{i}": {"epsilon": 1.0 + i, "delta": 1e-5} for i in range(3)}
+    html_few = _site_privacy(few)
+    assert html_few.count("<tr>") == 4 and "site-2" in html_few
+    many = {f"site-{i}": {"epsilon": i / 100, "delta": 1e-5} for i in range(1000)}
+    html_many = _site_privacy(many)
+    assert html_many.count("<tr>") == 6  # header and the five largest spenders
+    assert "1000 sites trained" in html_many and "min 0.000, median 4.995, max 9.990" in html_many
+    assert "site-999" in html_many and "site-0<" not in html_many
+    assert "fedlens privacy show" in html_many

@@ -11,7 +11,7 @@ from flwr.supercore.logger import warn_deprecated_feature
 
 from fedlens.shared.config import FedConfig
 from fedlens.shared.errors import DataError
-from fedlens.simulations.runner import _check_privacy, _DropRunSimulationNotice
+from fedlens.simulations.runner import _check_privacy, _DropRunSimulationNotice, _log_partitions
 
 # What Flower 1.42's `run_simulation` logs on every call (flwr/simulation/run_simulation.py).
 RUN_SIMULATION_NOTICE = (
@@ -69,3 +69,16 @@ def test_too_few_sites_larger_than_a_batch_for_min_sites_is_refused_before_the_r
     cfg = FedConfig.from_mapping({"num-sites": 4, "min-sites": 2, "batch-size": 32, "site-eval-fraction": 0.0})
     with pytest.raises(DataError, match=r"only 1 of 4 sites hold more training images than `batch-size` \(32; the smallest holds 10\)"):
         _check_privacy(cfg, labels, sites)
+
+
+def test_the_partition_log_summarises_a_large_federation(caplog):
+    cfg = FedConfig.from_mapping({"num-sites": 1000})
+    counts = [[6, 0, 3] if i % 2 else [2, 2, 2] for i in range(1000)]
+    with caplog.at_level(logging.INFO, logger="fedlens.simulations"):
+        _log_partitions(cfg, counts, ("a", "b", "c"))
+    assert len(caplog.records) == 2
+    assert "images per site: min 6, median 7, max 9; classes per site: min 2, median 2, max 3" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedlens.simulations"):
+        _log_partitions(FedConfig.from_mapping({"num-sites": 3}), counts[:3], ("a", "b", "c"))
+    assert len(caplog.records) == 5  # title, header, one row per site
