@@ -242,13 +242,15 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float32)
         scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
         return Image.fromarray(np.clip(arr * scale, 0, 255).round().astype(np.uint8))
-    if img.mode in ("L", "1", "LA"):
+    if img.mode in ("L", "RGB"):
+        return img  # no copy: a large photo is held once
+    if img.mode in ("1", "LA"):
         return img.convert("L")
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
     if img.mode in ("RGBA", "PA"):
         # Transparent pixels become black rather than whatever colour they carried.
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")

@@ -83,28 +83,35 @@ def decode_dicom(path: Path, *, max_pixels: int, min_side: int | None = None) ->
     """
     check_not_empty(path)
     with _quiet():
-        ds = _header(path)
+        ds, pixels_at = _header(path)
         info = _info(ds)
         check_pixels(info.width, info.height, max_pixels=max_pixels)
-        frame = _first_frame(path, ds)
+        frame = _first_frame(path, ds, pixels_at)
         grey = _display_grey(frame, ds) if info.mode.endswith(_GREY) else _display_colour(frame, ds)
     pixels = grey[None] if grey.ndim == 2 else grey.transpose(2, 0, 1)
     return Decoded(np.require(pixels, requirements=["C", "W", "O"]), info)
 
 
-def _header(path: Path) -> Any:
+def _header(path: Path) -> tuple[Any, int]:
+    """The data set up to the pixel data, and the file offset where the pixel data element starts."""
     from pydicom import dcmread
 
     force = path.suffix.lower() in (".dcm", ".dicom")  # old files without the 128-byte preamble
     try:
-        # Everything before the pixel data; large elements (private blobs) stay on disk.
-        return dcmread(path, stop_before_pixels=True, defer_size=1 << 20, force=force)
+        with path.open("rb") as fh:
+            # Everything before the pixel data; large elements (private blobs) stay on disk.
+            ds = dcmread(fh, stop_before_pixels=True, defer_size=1 << 20, force=force)
+            return ds, fh.tell()
     except Exception as exc:  # a hostile header can make the parser fail in any way
-        raise ImageDecodeError("damaged: the DICOM header cannot be read (not DICOM, truncated or damaged)") from exc
+        raise ImageDecodeError("damaged: no readable DICOM header (not DICOM, or cut short)") from exc
 
 
 def _info(ds: Any) -> ImageInfo:
     _lift_functional_groups(ds)
+    if "Rows" not in ds or "Columns" not in ds:
+        if "SOPClassUID" in ds:
+            raise ImageDecodeError("not an image: DICOM file without an image (e.g. a report or a presentation state)")
+        raise ImageDecodeError("damaged: no readable DICOM header (not DICOM, or cut short)")
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         pi = str(ds.PhotometricInterpretation).strip().upper()
@@ -112,6 +119,8 @@ def _info(ds: Any) -> ImageInfo:
         frames = int(ds.get("NumberOfFrames") or 1)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ImageDecodeError("not an image: DICOM file without an image (no rows, columns or photometric interpretation)") from exc
+    if rows < 1 or columns < 1:
+        raise ImageDecodeError("not an image: DICOM image with no rows or columns")
     if pi not in _GREY + _COLOUR:
         raise ImageDecodeError("unsupported: DICOM photometric interpretation not supported (use MONOCHROME1/2, RGB, YBR or palette)")
     return ImageInfo(width=columns, height=rows, mode=f"DICOM {pi}", bit_depth=bits, frames=max(frames, 1))
@@ -136,8 +145,9 @@ def _lift_functional_groups(ds: Any) -> None:
                     setattr(ds, keyword, inner[0].get(keyword))
 
 
-def _first_frame(path: Path, ds: Any) -> np.ndarray:
+def _first_frame(path: Path, ds: Any, pixels_at: int) -> np.ndarray:
     from pydicom.pixels import get_decoder, pixel_array
+    from pydicom.pixels.utils import get_expected_length
     from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     file_meta = getattr(ds, "file_meta", None) or {}
@@ -148,7 +158,7 @@ def _first_frame(path: Path, ds: Any) -> np.ndarray:
     syntax = UID(syntax)
     try:
         decoder = get_decoder(syntax)
-    except NotImplementedError as exc:
+    except (NotImplementedError, ValueError) as exc:
         raise ImageDecodeError(f"unsupported: DICOM transfer syntax {_syntax_name(syntax)} has no decoder in pydicom") from exc
     if not decoder.is_available:
         raise ImageDecodeError(
@@ -161,7 +171,9 @@ def _first_frame(path: Path, ds: Any) -> np.ndarray:
     except AttributeError as exc:
         raise ImageDecodeError("not an image: DICOM file without pixel data") from exc
     except Exception as exc:  # decoders raise anything on damaged data; their messages are never passed on
-        if isinstance(exc, EOFError) or "less than" in str(exc) or "expected" in str(exc):
+        # Uncompressed pixel data has a known length: a file too short to hold it was cut.
+        short = not syntax.is_compressed and path.stat().st_size < pixels_at + 8 + get_expected_length(ds)
+        if isinstance(exc, EOFError) or short:
             raise ImageDecodeError("truncated: the DICOM pixel data ends early") from exc
         raise ImageDecodeError(f"damaged: the DICOM pixel data cannot be decoded ({type(exc).__name__})") from exc
 
@@ -191,7 +203,7 @@ def _display_grey(frame: np.ndarray, ds: Any) -> np.ndarray:
         out = frame.astype(np.float32)
     if out is None:
         values = apply_modality_lut(frame, ds).astype(np.float32)
-        lo, hi = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+        lo, hi = float(values.min()), float(values.max())
         out = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
     grey = np.clip(out, 0, 255).round().astype(np.uint8)
     if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":

@@ -74,8 +74,9 @@ def hostile_folder(root: Path, *, big: bool = True) -> dict[str, str | None]:
         expected["big_50mp.jpg"] = None
     multipage_tiff(a / "multipage.tif")
     expected["multipage.tif"] = None
-    palette = Image.new("P", (16, 16), 1)
-    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette = Image.new("P", (16, 16), 0)  # left half: index 0, red but transparent
+    palette.paste(1, (8, 0, 16, 16))  # right half: index 1, opaque green
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
     palette.save(a / "palette_transparent.png", transparency=0)
     expected["palette_transparent.png"] = None
     animated_gif(b / "animated.gif")
