@@ -59,7 +59,7 @@ def _partitions(cfg: FedConfig) -> tuple[np.ndarray, ...]:
 @functools.lru_cache(maxsize=4)
 def _folder(cfg: FedConfig, data_path: str, name: str) -> tuple[Task, LocalData, np.ndarray, tuple[str, ...]]:
     transform = get_backbone(cfg.backbone).transforms(image_size=cfg.image_size)
-    images, _report = load_image_folder(data_path, transform=transform, name=name)
+    images, _report = load_image_folder(data_path, transform=transform, name=name, max_pixels=cfg.max_image_pixels)
     task = Task(cfg, images.num_classes)
     return task, task.prepare(images, for_training=True), images.labels.numpy(), tuple(images.classes)
 
@@ -83,8 +83,10 @@ def load_site(cfg: FedConfig, node_config: dict[str, object]) -> Site:
     else:
         data_path = str(node_config.get("data-path") or cfg.data_path)
         name = str(node_config.get("site-name") or "site")
-        if "device" in node_config:  # the site's hardware is the site's choice
-            cfg = FedConfig.from_mapping({"device": str(node_config["device"])}, base=cfg)
+        # The site's hardware, and how large an image it agrees to decode, are the site's choice.
+        own = {key: node_config[key] for key in ("device", "max-image-pixels") if key in node_config}
+        if own:
+            cfg = FedConfig.from_mapping(own, base=cfg)
         task, data, labels, classes = _folder(cfg, data_path, name)
     train, held = local_split(data, labels, cfg.site_eval_fraction, seed=cfg.seed)
     return Site(name=name, task=task, train=train, eval=held, simulated=_is_simulated(node_config), classes=classes)

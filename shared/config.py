@@ -31,6 +31,7 @@ __all__ = [
     "augment_names",
     "AUGMENTS",
     "DEFAULT_DELTA",
+    "DEFAULT_MAX_IMAGE_PIXELS",
 ]
 
 DATASETS = ("fashion-mnist", "folder", "npz")
@@ -47,6 +48,10 @@ _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 # 1e-5: well below 1/n for sites of a few thousand images (a delta >= 1/n would allow
 # leaking whole records). The default of runs and of sites alike.
 DEFAULT_DELTA = 1e-5
+# 100 megapixels: above every camera and scanner a site is likely to hold (a 50 MP
+# photo, a 4k x 5k mammogram), while a larger header is almost always a
+# decompression bomb. Decoding one such image still fits in a few hundred MB.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # Flower run-config keys that wire the app (where to write) rather than configure ML:
 # `out-dir` is the parent of per-Flower-run folders (`flwr run`), `run-dir` one exact
 # run folder (`fedlens run`, which can resume it after a server restart).
@@ -71,6 +76,10 @@ class FedConfig:
     site_eval_fraction: float = _opt(0.1, "share of each site's images kept for federated evaluation at the site")
     max_train_images: int = _opt(0, "use at most this many training images, stratified (0 = all); for quick trials")
     max_test_images: int = _opt(0, "use at most this many test images, stratified (0 = all)")
+    max_image_pixels: int = _opt(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "folder images (and DICOM frames) with more pixels than this are skipped as decompression bombs, before decoding",
+    )
     # --- federation -----------------------------------------------------------
     num_sites: int = _opt(10, "number of (simulated) sites")
     # 12: under DP the per-site budget, not the round count, limits accuracy (8 and 20
@@ -278,6 +287,7 @@ def _check_ranges(cfg: FedConfig) -> None:
     need(cfg.report_per_class >= 0, f"`report-per-class` must be >= 0, got {cfg.report_per_class}")
     need(0.0 <= cfg.site_eval_fraction < 1.0, f"`site-eval-fraction` must be in [0, 1), got {cfg.site_eval_fraction}")
     need(cfg.max_train_images >= 0 and cfg.max_test_images >= 0, "`max-train-images` and `max-test-images` must be >= 0")
+    need(cfg.max_image_pixels >= 1, f"`max-image-pixels` must be at least 1, got {cfg.max_image_pixels}")
     need(cfg.num_sites >= 1, f"`num-sites` must be at least 1, got {cfg.num_sites}")
     need(cfg.num_rounds >= 1, f"`num-rounds` must be at least 1, got {cfg.num_rounds}")
     need(cfg.alpha > 0.0, f"`alpha` must be > 0 (smaller = more skew), got {cfg.alpha}")

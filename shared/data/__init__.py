@@ -7,11 +7,16 @@ from ._factory import load_dataset, stratified_cap, stratified_split
 from ._imageset import ImageSet, LoadReport
 from ._sources import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES, load_fashion_mnist, load_image_folder, load_npz
 from .features import cached_features, compute_features, default_cache_dir, feature_cache_path
+from .scan import FolderScan, ImageFacts, SkippedFile, scan_folder
 from .transforms import Augment, parse_augment
 
 __all__ = [
     "Augment",
     "FASHION_MNIST_CLASSES",
+    "FolderScan",
+    "ImageFacts",
+    "SkippedFile",
+    "scan_folder",
     "IMAGE_SUFFIXES",
     "ImageSet",
     "LoadReport",

@@ -63,7 +63,7 @@ def load_dataset(cfg: FedConfig) -> tuple[ImageSet, ImageSet]:
     else:
         if cfg.dataset == "folder":
             transform = get_backbone(cfg.backbone).transforms(image_size=cfg.image_size)
-            pool, _report = load_image_folder(cfg.data_path, transform=transform)
+            pool, _report = load_image_folder(cfg.data_path, transform=transform, max_pixels=cfg.max_image_pixels)
         else:
             pool = load_npz(cfg.data_path)
         if len(pool) < 2:

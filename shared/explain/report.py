@@ -86,9 +86,7 @@ def _load_images(data: str | ImageSet, task: Any, classes: list[str]) -> ImageSe
         _train, test = load_dataset(FedConfig.from_mapping({"dataset": "fashion-mnist", "data-path": ""}, base=task.cfg))
         images = test
     else:
-        images, report = load_image_folder(data, transform=task.transform)
-        if report.skipped:
-            _log.warning("%s", report.summary())
+        images, _report = load_image_folder(data, transform=task.transform, max_pixels=task.cfg.max_image_pixels)
     if list(images.classes) != list(classes):
         raise DataError(
             f"the classes in {data if isinstance(data, str) else images.name} ({', '.join(images.classes)}) are not the model's ({', '.join(classes)}); "

@@ -8,7 +8,7 @@ import torch
 from fedlens.client.app import _site_update
 from fedlens.client.site import load_site
 from fedlens.shared.config import FedConfig
-from fedlens.shared.errors import ConfigError
+from fedlens.shared.errors import ConfigError, DataError
 from fedlens.shared.privacy import BudgetExceeded, PrivacyLedger, SiteRefusal
 
 
@@ -121,3 +121,11 @@ def test_every_round_the_site_trains_or_refuses_is_in_its_audit_log(deployed, tm
     assert "without differential privacy" in refused["reason"] and refused["round"] == 2
     assert non_private["sha256"] == update_fingerprint(plain)[1] and non_private["epsilon_after"] is None
     assert "WITHOUT differential privacy" in non_private["reason"]
+
+
+def test_a_deployed_site_sets_its_own_pixel_limit(deployed):
+    cfg, node = deployed
+    # The run's config allows the fixture's 24 x 24 images; the site's own limit does not.
+    with pytest.raises(DataError, match="0 readable images.*decompression bomb"):
+        load_site(cfg, {**node, "max-image-pixels": 24 * 24 - 1})
+    assert len(load_site(cfg, {**node, "max-image-pixels": 24 * 24}).train) == 36
