@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,3 +45,38 @@ def result(**values: object) -> None:
     """Print the closing ``RESULT name=value ...`` line."""
     parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()]
     print("RESULT " + " ".join(parts), flush=True)
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes (RSS) of ``pid`` and all its descendants alive now."""
+    from fedlens.ops.procs import tree
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    return total
+
+
+class PeakRss:
+    """Sample :func:`tree_rss` of a process tree every ``interval`` seconds; ``peak`` is the largest seen."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(self.pid))
+            self._stop.wait(interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak

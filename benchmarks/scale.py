@@ -17,43 +17,17 @@ one round. The feature caches are warmed first, so no run pays for them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from _common import config, parser, result, setup_logging
+from _common import PeakRss, config, parser, result, setup_logging
 
 from fedlens.shared.config import FedConfig
 from fedlens.shared.data import load_dataset
 from fedlens.shared.task import Task
-
-
-def _tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/statm") as f:
-                rss[int(entry)] = int(f.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(children.get(pid, []))
-    return total
 
 
 def _run(cfg: FedConfig, out: Path) -> dict[str, float]:
@@ -64,21 +38,10 @@ def _run(cfg: FedConfig, out: Path) -> dict[str, float]:
         stdout=subprocess.DEVNULL,
         stderr=open(out.with_suffix(".log"), "wb"),  # noqa: SIM115 (closed with the process)
     )
-    peak = 0
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
-            stop.wait(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = PeakRss(proc.pid)
     code = proc.wait()
     wall = time.monotonic() - started
-    stop.set()
-    sampler.join()
+    peak = sampler.stop()
     if code != 0:
         raise SystemExit(f"fedlens simulate failed for {cfg.num_sites} sites; see {out.with_suffix('.log')}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

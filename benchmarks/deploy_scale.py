@@ -1,0 +1,166 @@
+"""Deployment with many sites: per-round time and the server's memory against the sites per round.
+
+One real deployment on loopback (TLS and site authentication on): `fedlens server
+start` and `--sites` sites, each a `fedlens client start` process with 60 tiny images
+(32 px, 3 classes). Then one `fedlens run` per setting, each sampling a different
+number of sites per round (`fraction-train`, `min-sites`), with the default fine-tune
+policy and, for the largest number, with `policy = "full"` (every weight travels).
+Per setting: per-round time (mean over rounds 2..N), and the server's memory: the
+peak resident memory (RSS) of `fedlens server start` and all its descendants (the
+SuperLink and the run's ServerApp process, which receives and averages the updates),
+sampled every 0.2 s during the run, and its growth over the idle server.
+
+    python benchmarks/deploy_scale.py [--sites 20] [--sampled 5,10,20] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import PeakRss, tree_rss
+
+from fedlens.ops.certs import add_site, init_ca
+from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
+from fedlens.shared.config import FedConfig
+from fedlens.shared.data.samples import write_sample_folders
+
+
+def _cli(env: dict[str, str], *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "fedlens.ops.cli", *args], env=env, check=True, capture_output=True, text=True).stdout
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sites", type=int, default=20, help="sites started")
+    p.add_argument("--sampled", default="5,10,20", help="comma list: sites per round, one run each")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    sampled = [int(k) for k in args.sampled.split(",")]
+    names = [f"site-{i:02d}" for i in range(args.sites)]
+    root = Path(tempfile.mkdtemp(prefix="fedlens-deploy-scale-"))
+    env = flower_env(FLWR_HOME=str(root / "flwr-home"))
+    data = write_sample_folders(root / "images", ["server", *names])
+    certs, state = root / "certs", root / "server"
+    init_ca(certs, ["127.0.0.1"])
+    procs = Procs(root / "logs", env)
+    rows: list[dict[str, float]] = []
+    try:
+        port, internal = free_port(), free_port()
+        server = procs.start(
+            "server",
+            "server",
+            "start",
+            "--certs",
+            str(certs),
+            "--state-dir",
+            str(state),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--internal-port",
+            str(internal),
+        )
+        wait_for(lambda: listening(port), 120, "server")
+        started = time.monotonic()
+        for name in names:
+            add_site(certs, name)
+            _cli(env, "server", "add-site", name, str(certs / "sites" / f"{name}.pub"), "--state-dir", str(state))
+            procs.start(
+                name,
+                "client",
+                "start",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--ca",
+                str(certs / "ca.pem"),
+                "--key",
+                str(certs / "sites" / f"{name}.key"),
+                "--data",
+                str(data[name]),
+                "--state-dir",
+                str(root / "state" / name),
+                "--max-epsilon",
+                "1000",
+                "--allow-evaluation",
+                "--port",
+                str(free_port()),
+            )
+
+        def connected() -> int:
+            return sum(
+                1
+                for s in json.loads(_cli(env, "server", "sites", "--state-dir", str(state), "--json")).values()
+                if s.get("status") == "online"
+            )
+
+        wait_for(lambda: connected() == args.sites, 600, f"{args.sites} sites online", interval=5)
+        print(f"{args.sites} sites online after {time.monotonic() - started:.0f}s", flush=True)
+        time.sleep(5)
+        idle = tree_rss(server.pid)
+        settings = [(k, "last-1") for k in sampled] + [(max(sampled), "full")]
+        for k, policy in settings:
+            cfg = FedConfig.from_mapping(
+                {
+                    "dataset": "folder",
+                    "data-path": str(data["server"]),
+                    "test-fraction": 0.5,
+                    "image-size": 32,
+                    "batch-size": 16,
+                    "num-rounds": args.rounds,
+                    "num-sites": args.sites,
+                    "min-sites": k,
+                    "fraction-train": k / args.sites,
+                    "fraction-evaluate": k / args.sites,
+                    "policy": policy,
+                    "target-epsilon": 8.0,
+                    "cache-dir": str(root / "cache"),
+                }
+            )
+            cfg_file = root / f"run-{k}-{policy}.toml"
+            cfg_file.write_text(cfg.to_toml())
+            out = root / f"run-{k}-{policy}"
+            sampler = PeakRss(server.pid)
+            run = procs.start(f"run-{k}-{policy}", "run", "--state-dir", str(state), "--config", str(cfg_file), "--out", str(out))
+            if run.wait(timeout=1800) != 0:
+                raise SystemExit(procs.log(f"run-{k}-{policy}")[-3000:])
+            peak = sampler.stop()
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            elapsed = [r["elapsed_s"] for r in records]
+            summary = json.loads((out / "summary.json").read_text())
+            row = {
+                "sampled": k,
+                "policy": policy,
+                "round_s": (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1),
+                "trained": sum(len(r["sites_train"]) for r in records) / len(records),
+                "update_mb": summary["bytes_per_site_round"] / 1e6,
+                "peak_mb": peak / 1e6,
+                "growth_mb": (peak - idle) / 1e6,
+            }
+            rows.append(row)
+            print(
+                f"{k:>3} sites/round, {policy:<6}: {row['round_s']:5.1f} s/round, {row['trained']:.1f} trained/round, "
+                f"update {row['update_mb']:.2f} MB/site, server peak {row['peak_mb']:.0f} MB (+{row['growth_mb']:.0f} MB over idle)",
+                flush=True,
+            )
+    finally:
+        procs.stop_all()
+    small, large = rows[0], rows[len(sampled) - 1]
+    full = rows[-1]
+    print(
+        f"RESULT sites={args.sites} round_s_{small['sampled']}={small['round_s']:.2f} round_s_{large['sampled']}={large['round_s']:.2f} "
+        f"round_ratio={large['round_s'] / small['round_s']:.2f} server_peak_mb_default={large['peak_mb']:.0f} "
+        f"server_peak_mb_full={full['peak_mb']:.0f} update_mb_default={large['update_mb']:.3f} update_mb_full={full['update_mb']:.2f}"
+    )
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
