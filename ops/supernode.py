@@ -60,6 +60,7 @@ class SiteSettings:
     allow_non_private: bool = False
     device: str = "auto"
     port: int = DEFAULT_APP_PORT
+    class_map: Path | None = None  # the site's names for the federation's classes
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -154,6 +155,7 @@ def node_config(s: SiteSettings) -> str:
         "allow-evaluation": s.allow_evaluation,
         "allow-non-private": s.allow_non_private,
         "device": s.device,
+        **({"class-map": str(s.class_map.resolve())} if s.class_map else {}),
     }
 
     def value(v: object) -> str:
@@ -183,7 +185,7 @@ def supernode_command(s: SiteSettings) -> list[str]:
 
 def check_site(s: SiteSettings) -> int:
     """Check the site's own side before connecting; returns the number of readable images."""
-    from fedlens.shared.data import load_image_folder
+    from fedlens.shared.data import load_class_map, load_image_folder
 
     if s.ca is not None:
         if not s.ca.is_file():
@@ -202,7 +204,10 @@ def check_site(s: SiteSettings) -> int:
     if not 0 < s.delta < 1:
         raise ConnectError(f"--delta must be in (0, 1), got {s.delta}")
     s.state_dir.mkdir(parents=True, exist_ok=True)
-    images, report = load_image_folder(s.data, image_size=32, name=s.name)
+    class_map = load_class_map(s.class_map) if s.class_map else None
+    # Without the federation's classes (they come with the first message) this still
+    # catches folders that land on one class without the class map saying so.
+    images, report = load_image_folder(s.data, image_size=32, name=s.name, class_map=class_map)
     if report.skipped:
         _log.warning(
             "%s: %d file(s) in %s cannot be used and are skipped (first: %s)",

@@ -7,10 +7,14 @@ from ._factory import load_dataset, stratified_cap, stratified_split
 from ._imageset import ImageSet, LoadReport
 from ._sources import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES, load_fashion_mnist, load_image_folder, load_npz
 from .features import cached_features, compute_features, default_cache_dir, feature_cache_path
+from .labels import ClassMap, LabelMismatch, LabelPlan, load_class_map, plan_labels, relabel
 from .transforms import Augment, parse_augment
 
 __all__ = [
     "Augment",
+    "ClassMap",
+    "LabelMismatch",
+    "LabelPlan",
     "FASHION_MNIST_CLASSES",
     "IMAGE_SUFFIXES",
     "ImageSet",
@@ -23,6 +27,9 @@ __all__ = [
     "load_fashion_mnist",
     "load_image_folder",
     "load_npz",
+    "load_class_map",
+    "plan_labels",
+    "relabel",
     "parse_augment",
     "stratified_cap",
     "stratified_split",

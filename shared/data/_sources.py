@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from ..errors import DataError
 from ..models import ImageDecodeError, ImageTransform, decode_image
 from ._imageset import ImageSet, LoadReport
+from .labels import ClassMap, plan_labels
 
 __all__ = [
     "load_image_folder",
@@ -49,8 +51,15 @@ def load_image_folder(
     transform: ImageTransform | None = None,
     image_size: int | None = None,
     name: str | None = None,
+    classes: Sequence[str] | None = None,
+    class_map: ClassMap | None = None,
+    where: str | None = None,
 ) -> tuple[ImageSet, LoadReport]:
     """Read an ImageFolder layout: ``root/<class>/<image>``.
+
+    The class folders are mapped onto ``classes`` by name (:func:`plan_labels`), so
+    label ``i`` is ``classes[i]`` whatever folders this copy of the data has. Folders
+    the class map ignores are not read.
 
     Every file is decoded by ``transform`` (:meth:`ImageTransform.decode`: upright, then
     shorter side to the image size and centre-cropped), so the set holds the pixels
@@ -69,9 +78,19 @@ def load_image_folder(
         both give the same images; pass exactly one of the two.
     name : str, optional
         Name of the set (default: the folder's name).
+    classes : sequence of str, optional
+        The label set (the federation's classes, or a model's). Default: the class
+        folders' own names (after the class map), sorted.
+    class_map : ClassMap, optional
+        The data owner's renames and ``ignore`` lines.
+    where : str, optional
+        How messages name this data (default: ``data folder ROOT``).
 
     Raises
     ------
+    LabelMismatch
+        If a class folder is not in ``classes`` and not mapped or ignored, or two
+        land on one class without the class map saying so.
     DataError
         If ``root`` is missing, has no class folders, or holds no readable image.
     """
@@ -82,15 +101,16 @@ def load_image_folder(
     report = LoadReport(source=str(root))
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
         raise DataError(
             f"data folder {root} has no class sub-folders; expected one folder per class, "
             f"e.g. {root}/benign/img1.png and {root}/malignant/img2.png"
         )
     arrays: list[np.ndarray] = []
     labels: list[int] = []
-    for label, cls in enumerate(classes):
+    plan = plan_labels(folders, classes, class_map, where=where or f"data folder {root}")
+    for cls, label in plan.assigned:
         for path in sorted((root / cls).rglob("*")):
             if not path.is_file() or path.name.startswith("."):
                 continue
@@ -112,7 +132,7 @@ def load_image_folder(
         _log.warning("%s", report.summary())
     channels = max(a.shape[0] for a in arrays)
     stacked = np.stack([np.repeat(a, channels // a.shape[0], axis=0) for a in arrays])
-    images = ImageSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.int64), tuple(classes), name or root.name)
+    images = ImageSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.int64), plan.classes, name or root.name)
     _check_classes(images, str(root))
     return images, report
 

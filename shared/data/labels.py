@@ -1,0 +1,273 @@
+"""The federation's label set, and how a site's own class names map onto it.
+
+A run trains one classifier over one ordered list of class names: the federation's
+label set (the ``classes`` config key, or else the class names of the server's data).
+Label ``i`` is ``classes[i]`` everywhere: at the server, at every site, in every
+checkpoint. A site maps its own class names (its folder names) onto that list *by
+name*, never by position:
+
+* names are compared by :func:`~shared.config.class_key`: case-folded (Unicode NFKC),
+  surrounding blanks dropped, and runs of spaces, underscores and hyphens counted as
+  one space, so ``Pleural_Effusion``, ``pleural effusion`` and ``pleural-effusion`` are
+  one class;
+* the site's class map (:class:`ClassMap`, a small TOML file the site owns) renames
+  local classes (``effusion = "pleural effusion"``) or leaves them out
+  (``scratch = "ignore"``);
+* a federation class the site has no images of is just missing: the site trains on
+  what it has, with the federation's full classifier;
+* a local class that is neither a federation class nor in the map, and two local
+  classes landing on one federation class unless the map names each of them, stop the
+  site with :class:`LabelMismatch`: training on a guessed mapping would poison the
+  global model without anyone noticing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import IGNORE_CLASS, class_key
+from ..errors import ConfigError, DataError
+from ._imageset import ImageSet
+
+__all__ = ["IGNORE_CLASS", "ClassMap", "LabelMismatch", "LabelPlan", "class_key", "load_class_map", "plan_labels", "relabel"]
+
+_log = logging.getLogger(f"fedlens.{__name__}")
+
+_RULES = "names are compared ignoring case, and spaces, '_' and '-' count as one"
+
+
+class LabelMismatch(DataError):
+    """A site's class names do not fit the federation's label set; the message says how to map them."""
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """A site's own naming: local class name -> federation class name, or ``"ignore"``.
+
+    Parameters
+    ----------
+    entries : tuple of (str, str)
+        ``(local name, federation name or "ignore")`` pairs, as written.
+    source : str
+        Where the map comes from (for messages), e.g. its file name.
+
+    Raises
+    ------
+    ConfigError
+        For empty names, or two local names that are one name by
+        :func:`~shared.config.class_key`.
+    """
+
+    entries: tuple[tuple[str, str], ...] = ()
+    source: str = "the class map"
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for local, target in self.entries:
+            if not class_key(local) or not class_key(target):
+                raise ConfigError(f'{self.source}: {local!r} = {target!r} has an empty name; write `local name = "federation name"`')
+            if class_key(local) in seen:
+                raise ConfigError(
+                    f"{self.source} maps {seen[class_key(local)]!r} and {local!r}, which are one name ({_RULES}); keep one line"
+                )
+            seen[class_key(local)] = local
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], *, source: str = "the class map") -> ClassMap:
+        """Build from ``{local: target}`` as read from TOML.
+
+        Raises
+        ------
+        ConfigError
+            For a value that is not a string (a table, a number) or an empty name.
+        """
+        bad = [k for k, v in mapping.items() if not isinstance(v, str)]
+        if bad:
+            raise ConfigError(
+                f'{source}: every line must be `local name = "federation class"` or `= "ignore"`; '
+                f"{', '.join(map(repr, bad))} {'is' if len(bad) == 1 else 'are'} not (tables and numbers are not allowed)"
+            )
+        return cls(tuple((str(k), str(v)) for k, v in mapping.items()), source)
+
+    def target(self, local: str) -> str | None:
+        """What the map says for ``local`` (matched by key), or ``None`` when it has no line for it."""
+        key = class_key(local)
+        return next((t for name, t in self.entries if class_key(name) == key), None)
+
+    def to_dict(self) -> dict[str, str]:
+        return dict(self.entries)
+
+
+def load_class_map(path: str | Path) -> ClassMap:
+    """Read a class map file: a flat TOML table of ``local name = "federation class"`` lines.
+
+    ``"ignore"`` as the federation class leaves that local class out of training.
+    Quote names that are not bare TOML keys (``"Lungenentzündung" = "pneumonia"``).
+
+    Raises
+    ------
+    ConfigError
+        For a missing or unreadable file, invalid TOML, or a line that is not a name
+        mapped to a name.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"class map {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"class map {path} cannot be read ({exc})") from exc
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f'class map {path} is not valid TOML ({exc}); write one `local name = "federation class"` per line') from exc
+    return ClassMap.from_mapping(table, source=f"class map {path}")
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """How one data source's class names land on the federation's label set.
+
+    ``classes`` is the label set (label ``i`` is ``classes[i]``); ``assigned`` the
+    local names trained on, each with its label; ``ignored`` the local names the class
+    map leaves out; ``unused`` the class map's lines that matched no local name.
+    """
+
+    classes: tuple[str, ...]
+    assigned: tuple[tuple[str, int], ...]
+    ignored: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """Federation classes no local class lands on (the site has no images of them)."""
+        have = {label for _name, label in self.assigned}
+        return tuple(c for i, c in enumerate(self.classes) if i not in have)
+
+    def label(self, local: str) -> int | None:
+        """The label of local class ``local``; ``None`` when it is ignored (or not a local class)."""
+        return dict(self.assigned).get(local)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.classes),
+            "mapping": {name: self.classes[label] for name, label in self.assigned},
+            "ignored": list(self.ignored),
+            "missing": list(self.missing),
+            "unused_map_lines": list(self.unused),
+        }
+
+
+def plan_labels(
+    local: Sequence[str],
+    classes: Sequence[str] | None = None,
+    class_map: ClassMap | None = None,
+    *,
+    where: str = "the data",
+) -> LabelPlan:
+    """Map local class names onto the label set ``classes``, by name.
+
+    Parameters
+    ----------
+    local : sequence of str
+        The data's own class names (class folder names).
+    classes : sequence of str, optional
+        The label set, in label order. ``None``: the local names themselves (after the
+        class map), sorted, as a server's evaluation folder names them.
+    class_map : ClassMap, optional
+        The data owner's renames and ``ignore`` lines; without one, names map to
+        themselves.
+    where : str
+        The data, for messages (``"site-b's data folder /data/x"``).
+
+    Raises
+    ------
+    LabelMismatch
+        Naming every local class that is not in the label set (with the map lines that
+        would fix it), every map line pointing at a class that is not in it, and every
+        federation class two local classes land on without the map naming each of them.
+    """
+    class_map = class_map or ClassMap()
+    targets: dict[str, str] = {}  # local name -> what it is called in the label set (before lookup)
+    ignored, explicit = [], set()
+    for name in local:
+        target = class_map.target(name)
+        if target is None:
+            targets[name] = name
+        elif class_key(target) == IGNORE_CLASS:
+            ignored.append(name)
+        else:
+            targets[name] = target
+            explicit.add(name)
+    if classes is None:
+        by_key: dict[str, str] = {}
+        for target in sorted(targets.values()):
+            by_key.setdefault(class_key(target), target)
+        classes = sorted(by_key.values())
+    index = {class_key(c): i for i, c in enumerate(classes)}
+    problems: list[str] = []
+    unknown = [n for n, t in targets.items() if class_key(t) not in index and n not in explicit]
+    if unknown:
+        problems.append(_unknown_message(unknown, classes, where=where))
+    for name in sorted(n for n, t in targets.items() if n in explicit and class_key(t) not in index):
+        problems.append(
+            f"{class_map.source} says {name!r} = {targets[name]!r}, which is not one of the classes trained on ({_names(classes)}); "
+            'fix the name or write "ignore"'
+        )
+    assigned = [(n, index[class_key(t)]) for n, t in targets.items() if class_key(t) in index]
+    for label in sorted({label for _n, label in assigned}):
+        sources = [n for n, lab in assigned if lab == label]
+        if len(sources) > 1 and not all(n in explicit for n in sources):
+            lines = "\n".join(f'    "{n}" = "{classes[label]}"' for n in sources)
+            problems.append(
+                f"{_names(sources)} in {where} all land on the class {classes[label]!r} ({_RULES}). If they are one class, "
+                f'say so in the class map, one line each:\n{lines}\notherwise rename one of them or map it to "ignore"'
+            )
+    if problems:
+        raise LabelMismatch("\n".join(problems))
+    used = {class_key(n) for n in local}
+    unused = tuple(name for name, _t in class_map.entries if class_key(name) not in used)
+    if unused:
+        _log.warning("%s: %s has lines for %s, which %s does not have", where, class_map.source, _names(unused), where)
+    return LabelPlan(tuple(classes), tuple(assigned), tuple(ignored), unused)
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def _unknown_message(unknown: list[str], classes: Sequence[str], *, where: str) -> str:
+    keys = {class_key(c): c for c in classes}
+    suggestions = []
+    for name in unknown:
+        close = difflib.get_close_matches(class_key(name), list(keys), n=1, cutoff=0.6)
+        suggestions.append(f'    "{name}" = "{keys[close[0]] if close else IGNORE_CLASS}"')
+    noun = "class" if len(unknown) == 1 else "classes"
+    return (
+        f"{where} has the {noun} {_names(unknown)}, not one of the classes trained on ({_names(classes)}; {_RULES}). "
+        "Map each onto a class, or leave it out, in a class map file (--class-map FILE), e.g.\n"
+        + "\n".join(suggestions)
+        + "\nor rename the folders"
+    )
+
+
+def relabel(images: ImageSet, plan: LabelPlan) -> ImageSet:
+    """``images`` under ``plan``: labels of the label set, images of ignored classes dropped.
+
+    ``plan`` must have been made from ``images.classes``.
+    """
+    lookup = np.full(len(images.classes), -1, dtype=np.int64)
+    for name, label in plan.assigned:
+        lookup[images.classes.index(name)] = label
+    labels = lookup[images.labels.numpy()]
+    keep = np.flatnonzero(labels >= 0)
+    return ImageSet(images.images[torch.as_tensor(keep)], torch.from_numpy(labels[keep]), plan.classes, images.name)
