@@ -227,13 +227,13 @@ def plan_labels(
     for label in sorted({label for _n, label in assigned}):
         sources = [n for n, lab in assigned if lab == label]
         if len(sources) > 1 and not all(n in explicit for n in sources):
-            lines = "\n".join(f'    "{n}" = "{classes[label]}"' for n in sources)
+            lines = " and ".join(f'`"{n}" = "{classes[label]}"`' for n in sources)
             problems.append(
-                f"{_names(sources)} in {where} all land on the class {classes[label]!r} ({_RULES}). If they are one class, "
-                f'say so in the class map, one line each:\n{lines}\notherwise rename one of them or map it to "ignore"'
+                f"{_names(sources)} in {where} all land on the class {classes[label]!r} ({_RULES}); if they are one class, "
+                f'say so in the class map, one line each ({lines}), otherwise rename one of them or map it to "ignore"'
             )
     if problems:
-        raise LabelMismatch("\n".join(problems))
+        raise LabelMismatch(". Also: ".join(problems))  # one line: logs and error replies keep the last line
     used = {class_key(n) for n in local}
     unused = tuple(name for name, _t in class_map.entries if class_key(name) not in used)
     if unused:
@@ -250,13 +250,12 @@ def _unknown_message(unknown: list[str], classes: Sequence[str], *, where: str) 
     suggestions = []
     for name in unknown:
         close = difflib.get_close_matches(class_key(name), list(keys), n=1, cutoff=0.6)
-        suggestions.append(f'    "{name}" = "{keys[close[0]] if close else IGNORE_CLASS}"')
+        suggestions.append(f'`"{name}" = "{keys[close[0]] if close else IGNORE_CLASS}"`')
     noun = "class" if len(unknown) == 1 else "classes"
     return (
         f"{where} has the {noun} {_names(unknown)}, not one of the classes trained on ({_names(classes)}; {_RULES}). "
-        "Map each onto a class, or leave it out, in a class map file (--class-map FILE), e.g.\n"
-        + "\n".join(suggestions)
-        + "\nor rename the folders"
+        f"Map each onto a class, or leave it out, in a class map file (--class-map FILE) with lines like {', '.join(suggestions)}, "
+        "or rename the folders"
     )
 
 

@@ -80,7 +80,8 @@ def test_a_map_line_pointing_nowhere_is_an_error():
 def test_two_folders_on_one_class_need_the_map_to_say_so():
     with pytest.raises(LabelMismatch) as err:
         plan_labels(["Pneumonia", "pneumonia"], FEDERATION)
-    assert "'Pneumonia', 'pneumonia'" in str(err.value) and '"Pneumonia" = "pneumonia"' in str(err.value)
+    assert "'Pneumonia', 'pneumonia'" in str(err.value) and '`"Pneumonia" = "pneumonia"`' in str(err.value)
+    assert "\n" not in str(err.value)
     half = ClassMap.from_mapping({"viral pneumonia": "pneumonia"})
     with pytest.raises(LabelMismatch, match="one line each"):
         plan_labels(["pneumonia", "viral pneumonia"], FEDERATION, half)  # only one of the two is named
