@@ -139,13 +139,17 @@ class LabelPlan:
 
     ``classes`` is the label set (label ``i`` is ``classes[i]``); ``assigned`` the
     local names trained on, each with its label; ``ignored`` the local names the class
-    map leaves out; ``unused`` the class map's lines that matched no local name.
+    map leaves out; ``unused`` the class map's lines that matched no local name;
+    ``unknown`` the local names that land on no class, and ``problems`` what would stop
+    training (both empty unless the plan was made with ``strict=False``).
     """
 
     classes: tuple[str, ...]
     assigned: tuple[tuple[str, int], ...]
     ignored: tuple[str, ...] = ()
     unused: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -163,7 +167,9 @@ class LabelPlan:
             "mapping": {name: self.classes[label] for name, label in self.assigned},
             "ignored": list(self.ignored),
             "missing": list(self.missing),
+            "unknown": list(self.unknown),
             "unused_map_lines": list(self.unused),
+            "problems": list(self.problems),
         }
 
 
@@ -173,6 +179,7 @@ def plan_labels(
     class_map: ClassMap | None = None,
     *,
     where: str = "the data",
+    strict: bool = True,
 ) -> LabelPlan:
     """Map local class names onto the label set ``classes``, by name.
 
@@ -188,6 +195,8 @@ def plan_labels(
         themselves.
     where : str
         The data, for messages (``"site-b's data folder /data/x"``).
+    strict : bool, default True
+        Raise on problems; ``False`` returns them in the plan (for a data check).
 
     Raises
     ------
@@ -232,13 +241,14 @@ def plan_labels(
                 f"{_names(sources)} in {where} all land on the class {classes[label]!r} ({_RULES}); if they are one class, "
                 f'say so in the class map, one line each ({lines}), otherwise rename one of them or map it to "ignore"'
             )
-    if problems:
+    if problems and strict:
         raise LabelMismatch(". Also: ".join(problems))  # one line: logs and error replies keep the last line
     used = {class_key(n) for n in local}
     unused = tuple(name for name, _t in class_map.entries if class_key(name) not in used)
     if unused:
         _log.warning("%s: %s has lines for %s, which %s does not have", where, class_map.source, _names(unused), where)
-    return LabelPlan(tuple(classes), tuple(assigned), tuple(ignored), unused)
+    nowhere = tuple(n for n, t in targets.items() if class_key(t) not in index)
+    return LabelPlan(tuple(classes), tuple(assigned), tuple(ignored), unused, nowhere, tuple(problems))
 
 
 def _names(names: Sequence[str]) -> str:
