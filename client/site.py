@@ -63,7 +63,13 @@ def _folder(
 ) -> tuple[Task, LocalData, np.ndarray]:
     transform = get_backbone(cfg.backbone).transforms(image_size=cfg.image_size)
     images, _report = load_image_folder(
-        data_path, transform=transform, name=name, classes=classes, class_map=class_map, where=f"{name}'s data folder {data_path}"
+        data_path,
+        transform=transform,
+        name=name,
+        max_pixels=cfg.max_image_pixels,
+        classes=classes,
+        class_map=class_map,
+        where=f"{name}'s data folder {data_path}",
     )
     counts = images.class_counts()
     missing = [c for c, n in zip(classes, counts) if n == 0]
@@ -125,8 +131,10 @@ def load_site(cfg: FedConfig, node_config: dict[str, object], *, classes: Sequen
                 f"{name}: the server sent no class list with its message, so the site cannot tell which label is which; "
                 "the server must run the same fedlens release"
             )
-        if "device" in node_config:  # the site's hardware is the site's choice
-            cfg = FedConfig.from_mapping({"device": str(node_config["device"])}, base=cfg)
+        # The site's hardware, and how large an image it agrees to decode, are the site's choice.
+        own = {key: node_config[key] for key in ("device", "max-image-pixels") if key in node_config}
+        if own:
+            cfg = FedConfig.from_mapping(own, base=cfg)
         class_map = load_class_map(str(node_config["class-map"])) if node_config.get("class-map") else None
         label_set = tuple(str(c) for c in classes)
         task, data, labels = _folder(cfg, data_path, name, label_set, class_map)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from fedlens.shared.config import DEFAULT_DELTA
+from fedlens.shared.config import DEFAULT_DELTA, DEFAULT_MAX_IMAGE_PIXELS
 
 from .audit_cli import add_audit_command
 from .supernode import DEFAULT_APP_PORT
@@ -43,6 +43,7 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
         device=args.device,
         port=args.port,
         class_map=args.class_map,
+        max_image_pixels=args.max_image_pixels,
     )
     if args.insecure:
         _log.warning(INSECURE_BANNER)
@@ -117,6 +118,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q.add_argument("--allow-evaluation", action="store_true", help="release accuracy on the site's held-out images (not covered by DP)")
     q.add_argument("--allow-non-private", action="store_true", help="join runs without DP-SGD (off: such runs are refused)")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = CUDA when present")
+    q.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="skip images (and DICOM frames) with more pixels than this as decompression bombs (default %(default)s)",
+    )
     q.add_argument(
         "--port",
         type=int,

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlens.shared.config import DEFAULT_DELTA
+from fedlens.shared.config import DEFAULT_DELTA, DEFAULT_MAX_IMAGE_PIXELS
 from fedlens.shared.errors import FedlensError
 
 from .executor import AppApprovals, SiteExecutor
@@ -60,6 +60,7 @@ class SiteSettings:
     allow_non_private: bool = False
     device: str = "auto"
     port: int = DEFAULT_APP_PORT
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     class_map: Path | None = None  # the site's names for the federation's classes
 
 
@@ -155,13 +156,14 @@ def node_config(s: SiteSettings) -> str:
         "allow-evaluation": s.allow_evaluation,
         "allow-non-private": s.allow_non_private,
         "device": s.device,
+        "max-image-pixels": int(s.max_image_pixels),
         **({"class-map": str(s.class_map.resolve())} if s.class_map else {}),
     }
 
     def value(v: object) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
-        if isinstance(v, float):
+        if isinstance(v, float | int):
             return repr(v)
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -204,18 +206,13 @@ def check_site(s: SiteSettings) -> int:
     if not 0 < s.delta < 1:
         raise ConnectError(f"--delta must be in (0, 1), got {s.delta}")
     s.state_dir.mkdir(parents=True, exist_ok=True)
+    if s.max_image_pixels < 1:
+        raise ConnectError(f"--max-image-pixels must be at least 1, got {s.max_image_pixels}")
     class_map = load_class_map(s.class_map) if s.class_map else None
-    # Without the federation's classes (they come with the first message) this still
-    # catches folders that land on one class without the class map saying so.
-    images, report = load_image_folder(s.data, image_size=32, name=s.name, class_map=class_map)
-    if report.skipped:
-        _log.warning(
-            "%s: %d file(s) in %s cannot be used and are skipped (first: %s)",
-            s.name,
-            report.skipped,
-            s.data,
-            report.errors[0] if report.errors else "?",
-        )
+    # Skipped files are counted per reason in the loader's one summary line. Without the
+    # federation's classes (they come with the first message) this still catches folders
+    # that land on one class without the class map saying so.
+    images, _report = load_image_folder(s.data, image_size=32, name=s.name, max_pixels=s.max_image_pixels, class_map=class_map)
     return len(images)
 
 

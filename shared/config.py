@@ -35,6 +35,7 @@ __all__ = [
     "AUGMENTS",
     "DEFAULT_DELTA",
     "IGNORE_CLASS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
 ]
 
 DATASETS = ("fashion-mnist", "folder", "npz")
@@ -53,6 +54,10 @@ _POLICY = re.compile(r"head|full|last-([1-9][0-9]*)")
 # 1e-5: well below 1/n for sites of a few thousand images (a delta >= 1/n would allow
 # leaking whole records). The default of runs and of sites alike.
 DEFAULT_DELTA = 1e-5
+# 100 megapixels: above every camera and scanner a site is likely to hold (a 50 MP
+# photo, a 4k x 5k mammogram), while a larger header is almost always a
+# decompression bomb. Decoding one such image still fits in a few hundred MB.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # Flower run-config keys that wire the app (where to write) rather than configure ML:
 # `out-dir` is the parent of per-Flower-run folders (`flwr run`), `run-dir` one exact
 # run folder (`fedlens run`, which can resume it after a server restart).
@@ -87,6 +92,10 @@ class FedConfig:
     class_map: str = _opt(
         "",
         'TOML file mapping data-path\'s class names onto `classes` (local = "class" or "ignore"); deployed sites use their own (--class-map)',
+    )
+    max_image_pixels: int = _opt(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "folder images (and DICOM frames) with more pixels than this are skipped as decompression bombs, before decoding",
     )
     # --- federation -----------------------------------------------------------
     num_sites: int = _opt(10, "number of (simulated) sites")
@@ -287,6 +296,7 @@ def _check_ranges(cfg: FedConfig) -> None:
     need(cfg.report_per_class >= 0, f"`report-per-class` must be >= 0, got {cfg.report_per_class}")
     need(0.0 <= cfg.site_eval_fraction < 1.0, f"`site-eval-fraction` must be in [0, 1), got {cfg.site_eval_fraction}")
     need(cfg.max_train_images >= 0 and cfg.max_test_images >= 0, "`max-train-images` and `max-test-images` must be >= 0")
+    need(cfg.max_image_pixels >= 1, f"`max-image-pixels` must be at least 1, got {cfg.max_image_pixels}")
     need(cfg.num_sites >= 1, f"`num-sites` must be at least 1, got {cfg.num_sites}")
     need(cfg.num_rounds >= 1, f"`num-rounds` must be at least 1, got {cfg.num_rounds}")
     need(cfg.alpha > 0.0, f"`alpha` must be > 0 (smaller = more skew), got {cfg.alpha}")

@@ -8,6 +8,7 @@ from ._imageset import ImageSet, LoadReport
 from ._sources import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES, load_fashion_mnist, load_image_folder, load_npz
 from .features import cached_features, compute_features, default_cache_dir, feature_cache_path
 from .labels import ClassMap, LabelMismatch, LabelPlan, load_class_map, plan_labels, relabel
+from .scan import FolderScan, ImageFacts, SkippedFile, scan_folder
 from .transforms import Augment, parse_augment
 
 __all__ = [
@@ -16,6 +17,10 @@ __all__ = [
     "LabelMismatch",
     "LabelPlan",
     "FASHION_MNIST_CLASSES",
+    "FolderScan",
+    "ImageFacts",
+    "SkippedFile",
+    "scan_folder",
     "IMAGE_SUFFIXES",
     "ImageSet",
     "LoadReport",

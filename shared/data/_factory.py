@@ -72,7 +72,9 @@ def load_dataset(cfg: FedConfig) -> tuple[ImageSet, ImageSet]:
     else:
         if cfg.dataset == "folder":
             transform = get_backbone(cfg.backbone).transforms(image_size=cfg.image_size)
-            pool, _report = load_image_folder(cfg.data_path, transform=transform, classes=classes, class_map=class_map)
+            pool, _report = load_image_folder(
+                cfg.data_path, transform=transform, max_pixels=cfg.max_image_pixels, classes=classes, class_map=class_map
+            )
         else:
             pool = _named(load_npz(cfg.data_path), classes, class_map)
         if len(pool) < 2:

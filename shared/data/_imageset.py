@@ -3,33 +3,56 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from .scan import SkippedFile
 
 __all__ = ["ImageSet", "LoadReport"]
 
 
 @dataclass
 class LoadReport:
-    """What happened while reading a data source: counts and the first errors."""
+    """What happened while reading an image folder: images read, files skipped and why."""
 
     source: str
     read: int = 0
-    skipped: int = 0
-    errors: list[str] = field(default_factory=list)
+    skipped_files: list[SkippedFile] = field(default_factory=list)
+    multi_frame: int = 0  # files with several frames or pages, of which the first was used
 
-    def add_error(self, message: str, *, keep: int = 20) -> None:
-        self.skipped += 1
-        if len(self.errors) < keep:
-            self.errors.append(message)
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_files)
+
+    @property
+    def errors(self) -> list[str]:
+        """``"relative/path: reason"`` for the first 20 skipped files."""
+        return [f"{_relative(s.path, self.source)}: {s.reason}" for s in self.skipped_files[:20]]
+
+    def reasons(self) -> dict[str, int]:
+        """Skipped files per reason category, most frequent first."""
+        counts = Counter(s.category for s in self.skipped_files)
+        return dict(counts.most_common())
 
     def summary(self) -> str:
+        """One line: counts per reason, the first skipped file, and the multi-frame note."""
         text = f"{self.source}: {self.read} images read, {self.skipped} skipped"
-        if self.errors:
-            text += f" (first: {self.errors[0]})"
+        if self.skipped:
+            text += " (" + ", ".join(f"{n} {reason}" for reason, n in self.reasons().items()) + f"; first: {self.errors[0]})"
+        if self.multi_frame:
+            text += f"; {self.multi_frame} multi-frame file(s) (DICOM, animated GIF, multi-page TIFF): the first frame of each is used"
         return text
+
+
+def _relative(path: Path, root: str) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 @dataclass(frozen=True)

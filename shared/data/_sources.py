@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import logging
 from collections.abc import Sequence
@@ -11,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import DataError
-from ..models import ImageDecodeError, ImageTransform, decode_image
+from ..models import IMAGE_SUFFIXES, Decoded, ImageTransform, read_image
 from ._imageset import ImageSet, LoadReport
 from .labels import ClassMap, plan_labels
+from .scan import SkippedFile, class_folders, read_file, walk_folder
 
 __all__ = [
     "load_image_folder",
@@ -26,8 +27,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(f"fedlens.{__name__}")
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -51,20 +50,25 @@ def load_image_folder(
     transform: ImageTransform | None = None,
     image_size: int | None = None,
     name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     classes: Sequence[str] | None = None,
     class_map: ClassMap | None = None,
     where: str | None = None,
 ) -> tuple[ImageSet, LoadReport]:
-    """Read an ImageFolder layout: ``root/<class>/<image>``.
+    """Read an ImageFolder layout: ``root/<class>/<image>``, DICOM files included.
+
+    Every file is decoded by ``transform`` (:meth:`ImageTransform.read`: upright, DICOM
+    through its display chain, then shorter side to the image size and
+    centre-cropped), so the set holds the pixels the model will see, before
+    normalisation. Files that cannot be used (empty, not an image, decompression
+    bombs over ``max_pixels``, truncated, damaged, unsupported DICOM) are skipped
+    and counted per reason in the report, which is logged as one line; multi-frame
+    files contribute their first frame. The same decision is made by
+    :func:`~fedlens.shared.data.scan_folder`.
 
     The class folders are mapped onto ``classes`` by name (:func:`plan_labels`), so
     label ``i`` is ``classes[i]`` whatever folders this copy of the data has. Folders
     the class map ignores are not read.
-
-    Every file is decoded by ``transform`` (:meth:`ImageTransform.decode`: upright, then
-    shorter side to the image size and centre-cropped), so the set holds the pixels
-    the model will see, before normalisation. Unreadable, empty and non-image files
-    are skipped and counted in the report.
 
     Parameters
     ----------
@@ -78,6 +82,8 @@ def load_image_folder(
         both give the same images; pass exactly one of the two.
     name : str, optional
         Name of the set (default: the folder's name).
+    max_pixels : int
+        The config's ``max-image-pixels``.
     classes : sequence of str, optional
         The label set (the federation's classes, or a model's). Default: the class
         folders' own names (after the class map), sorted.
@@ -92,44 +98,40 @@ def load_image_folder(
         If a class folder is not in ``classes`` and not mapped or ignored, or two
         land on one class without the class map saying so.
     DataError
-        If ``root`` is missing, has no class folders, or holds no readable image.
+        If ``root`` is missing, has no class folders, or holds no usable image.
     """
     if (transform is None) == (image_size is None):
         raise TypeError("load_image_folder takes exactly one of `transform` and `image_size`")
-    decode = transform.decode if transform is not None else functools.partial(decode_image, size=image_size)
+    size = transform.image_size if transform is not None else int(image_size)  # type: ignore[arg-type]
+
+    def read(path: Path) -> Decoded:
+        if transform is not None:
+            return transform.read(path, max_pixels=max_pixels)
+        return read_image(path, size=size, max_pixels=max_pixels)
+
     root = Path(root)
     report = LoadReport(source=str(root))
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist or is not a folder")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise DataError(
-            f"data folder {root} has no class sub-folders; expected one folder per class, "
-            f"e.g. {root}/benign/img1.png and {root}/malignant/img2.png"
-        )
+    folders = class_folders(root)
+    plan = plan_labels(folders, classes, class_map, where=where or f"data folder {root}")
     arrays: list[np.ndarray] = []
     labels: list[int] = []
-    plan = plan_labels(folders, classes, class_map, where=where or f"data folder {root}")
-    for cls, label in plan.assigned:
-        for path in sorted((root / cls).rglob("*")):
-            if not path.is_file() or path.name.startswith("."):
-                continue
-            rel = path.relative_to(root)
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                report.add_error(f"{rel}: not an image file type")
-                continue
-            try:
-                arrays.append(decode(path))
-            except ImageDecodeError as exc:
-                report.add_error(f"{rel}: {exc}")
-                continue
-            labels.append(label)
+    label_of = dict(plan.assigned)
+    for label_dir, path in walk_folder(root, list(label_of)):
+        result = read_file(path, read)
+        if isinstance(result, SkippedFile):
+            report.skipped_files.append(result)
+            continue
+        arrays.append(result.pixels)
+        labels.append(label_of[label_dir])
+        report.multi_frame += result.info.frames > 1
     report.read = len(arrays)
     if not arrays:
-        detail = "; ".join(report.errors[:3]) or "the class folders are empty"
-        raise DataError(f"data folder {root} has 0 readable images ({report.skipped} files failed: {detail})")
+        detail = report.summary() if report.skipped else f"{root}: the class folders are empty"
+        raise DataError(f"data folder {root} has 0 readable images ({detail})")
     if report.skipped:
         _log.warning("%s", report.summary())
+    elif report.multi_frame:
+        _log.info("%s", report.summary())
     channels = max(a.shape[0] for a in arrays)
     stacked = np.stack([np.repeat(a, channels // a.shape[0], axis=0) for a in arrays])
     images = ImageSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.int64), plan.classes, name or root.name)

@@ -85,9 +85,9 @@ def _load_images(data: str | ImageSet, task: Any, classes: list[str], class_map:
     a site maps its folders onto the federation's classes for training.
     """
     if isinstance(data, str) and data != "fashion-mnist":
-        images, report = load_image_folder(data, transform=task.transform, classes=classes, class_map=class_map)
-        if report.skipped:
-            _log.warning("%s", report.summary())
+        images, _report = load_image_folder(
+            data, transform=task.transform, max_pixels=task.cfg.max_image_pixels, classes=classes, class_map=class_map
+        )
     else:
         if isinstance(data, str):  # fashion-mnist: its test split
             _train, data = load_dataset(

@@ -1,11 +1,11 @@
 """Backbones, fine-tune policies, the uniform :class:`FedModel` shape and each backbone's preprocessing."""
 
 from . import _builtin  # noqa: F401  (registers the shipped backbones)
-from ._decode import ImageDecodeError
+from ._decode import DICOM_SUFFIXES, IMAGE_SUFFIXES, Decoded, ImageDecodeError, ImageInfo, file_kind
 from ._lowrank import LowRankConv, apply_low_rank, is_pointwise_conv
 from ._policy import FineTunePolicy, apply_policy, load_trainable, parse_policy, train_mode, trainable_state_dict
 from ._registry import BackboneSpec, create_model, get_backbone, list_backbones, register_backbone
-from ._transform import RESIZE_POLICY, ImageTransform, decode_image
+from ._transform import RESIZE_POLICY, ImageTransform, decode_image, read_image
 from ._types import FedModel, Preprocessing
 from ._weights import LITE0_SHA256, load_state_dict_file, sha256_of
 
@@ -14,6 +14,12 @@ __all__ = [
     "apply_low_rank",
     "is_pointwise_conv",
     "BackboneSpec",
+    "DICOM_SUFFIXES",
+    "Decoded",
+    "IMAGE_SUFFIXES",
+    "ImageInfo",
+    "file_kind",
+    "read_image",
     "FedModel",
     "FineTunePolicy",
     "ImageDecodeError",

@@ -14,10 +14,16 @@ before it enters the model: the image's shorter side is scaled to ``image-size``
 (bilinear, antialiased; up or down) and the longer side is then centre-cropped to
 ``image-size``, so the aspect ratio is kept and the centre of the image is what the
 model sees. Square images (Fashion-MNIST, MedMNIST) are only scaled.
+
+Files much larger than that are first decoded at a reduced scale (JPEG's DCT
+scaling, a box filter otherwise), never below twice ``image-size`` on the shorter
+side, so a 50-megapixel photo costs megabytes, not gigabytes; DICOM files go through
+their own display chain first (window, VOI LUT, MONOCHROME1), see ``_dicom``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,15 +31,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._decode import read_image
+from ..config import DEFAULT_MAX_IMAGE_PIXELS
+from ._decode import Decoded, decode_photo, file_kind
+from ._dicom import decode_dicom
 from ._types import Preprocessing
 
-__all__ = ["ImageTransform", "decode_image", "RESIZE_POLICY"]
+__all__ = ["ImageTransform", "decode_image", "read_image", "RESIZE_POLICY"]
 
 RESIZE_POLICY = "shorter side to image-size, centre crop to a square; bilinear, antialiased"
 # Bump whenever a step below changes the pixels a model sees: the feature cache key
 # includes it, so features computed under an older policy are never reused.
-_POLICY_VERSION = 1
+# 2: large files are decoded at a reduced scale before the resize.
+_POLICY_VERSION = 2
 
 
 def _resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -50,34 +59,51 @@ def _resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return out[..., top : top + size, left : left + size]
 
 
-def decode_image(path: str | Path, *, size: int | None = None) -> np.ndarray:
-    """Read an image file as upright ``uint8 [C, H, W]`` (C = 1 for grey, 3 for colour).
+def read_image(path: str | Path, *, size: int | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Decoded:
+    """Read an image or DICOM file: upright ``uint8 [C, H, W]`` pixels (C = 1 for grey, 3 for colour) and its header facts.
 
     Parameters
     ----------
     path : path-like
-        A PNG, JPEG, BMP, GIF, TIFF or WebP file; grey, RGB, RGBA, palette and 16-bit
-        images are accepted, and the EXIF orientation is applied.
+        A PNG, JPEG, BMP, GIF, TIFF or WebP file (grey, RGB, RGBA, palette, CMYK and
+        16-bit; EXIF orientation applied), or a DICOM file; only the first frame of a
+        multi-frame file is read (``info.frames`` says how many there are).
     size : int, optional
         Apply the resize policy (see the module docstring) to ``size x size``;
-        ``None`` keeps the stored size. :meth:`ImageTransform.decode` is this with
+        ``None`` keeps the stored size. :meth:`ImageTransform.read` is this with
         the transform's ``image_size``.
+    max_pixels : int
+        Files whose frame has more pixels are refused before decoding (the config's
+        ``max-image-pixels``).
 
     Raises
     ------
     ImageDecodeError
-        For empty, truncated, oversized or non-image files.
+        With the reason (``category: detail``): empty, not an image, decompression
+        bomb, truncated, damaged or unsupported.
     """
     if size is not None and size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
-    arr = read_image(path)
+    path = Path(path)
+    decode = decode_dicom if file_kind(path) == "dicom" else decode_photo
+    decoded = decode(path, max_pixels=max_pixels, min_side=size)
     if size is None:
-        return arr
+        return decoded
     # uint8 in, uint8 out: the same antialiased bilinear filter as on batches, in
-    # fixed point (within 1 grey level of the float result), without a float copy
-    # of a 12-megapixel photo.
-    fitted = _resize_center_crop(torch.from_numpy(arr)[None], size)[0]
-    return np.ascontiguousarray(fitted.numpy())
+    # fixed point (within 1 grey level of the float result), without a float copy.
+    fitted = _resize_center_crop(torch.from_numpy(decoded.pixels)[None], size)[0]
+    return dataclasses.replace(decoded, pixels=np.ascontiguousarray(fitted.numpy()))
+
+
+def decode_image(path: str | Path, *, size: int | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The pixels of :func:`read_image`: upright ``uint8 [C, H, W]``, at ``size x size`` when given.
+
+    Raises
+    ------
+    ImageDecodeError
+        For empty, truncated, oversized, damaged or non-image files.
+    """
+    return read_image(path, size=size, max_pixels=max_pixels).pixels
 
 
 class ImageTransform:
@@ -85,7 +111,8 @@ class ImageTransform:
 
     Owns every step from a file or a stored ``uint8`` array to the model's input:
 
-    1. decoding (any common file type and mode, EXIF orientation applied);
+    1. decoding (any common file type and mode, EXIF orientation applied, DICOM
+       through its display chain; large files at a reduced scale);
     2. the resize policy: shorter side to ``image_size``, centre crop to a square
        (bilinear, antialiased);
     3. channels: grey images are repeated to three;
@@ -125,15 +152,25 @@ class ImageTransform:
             sort_keys=True,
         )
 
-    def decode(self, path: str | Path) -> np.ndarray:
-        """Read an image file as upright ``uint8 [C, image_size, image_size]`` (C = 1 or 3).
+    def read(self, path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Decoded:
+        """:func:`read_image` at ``image_size``: the pixels the model sees (before normalisation) and the file's facts.
 
         Raises
         ------
         ImageDecodeError
-            For empty, truncated, oversized or non-image files.
+            For empty, truncated, oversized, damaged or non-image files.
         """
-        return decode_image(path, size=self.image_size)
+        return read_image(path, size=self.image_size, max_pixels=max_pixels)
+
+    def decode(self, path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+        """Read an image or DICOM file as upright ``uint8 [C, image_size, image_size]`` (C = 1 or 3).
+
+        Raises
+        ------
+        ImageDecodeError
+            For empty, truncated, oversized, damaged or non-image files.
+        """
+        return self.read(path, max_pixels=max_pixels).pixels
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """Apply the resize policy to a batch ``[B, C, H, W]``: shorter side to ``image_size``, centre crop."""

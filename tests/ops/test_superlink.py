@@ -43,6 +43,7 @@ def test_site_settings_travel_as_node_config_the_server_cannot_override(tmp_path
     text = node_config(s)
     assert 'site-name="we\\"ird"' in text and "max-epsilon=3.0" in text and "delta=1e-06" in text
     assert "allow-evaluation=false" in text and "allow-non-private=false" in text and 'device="cpu"' in text
+    assert "max-image-pixels=100000000" in text  # an integer, not a string: the site's config reads it as one
     cmd = supernode_command(s)
     assert "--auth-supernode-private-key" in cmd and "--root-certificates" in cmd and "--insecure" not in cmd
 
