@@ -161,11 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_explain)
 
+    from .data_cli import add_commands as add_data_commands
     from .server_cli import add_commands as add_server_commands
     from .site_cli import add_commands as add_client_commands
 
     add_server_commands(sub)
     add_client_commands(sub)
+    add_data_commands(sub)
     return parser
 
 

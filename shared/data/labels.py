@@ -60,26 +60,26 @@ class ClassMap:
     source : str
         Where the map comes from (for messages), e.g. its file name.
 
+    A line matches the local name it spells exactly, else any local name that is the
+    same by :func:`~shared.config.class_key` (so ``Effusion`` matches a folder
+    ``effusion``); two folders that differ only in case each need their exact line.
+
     Raises
     ------
     ConfigError
-        For empty names, or two local names that are one name by
-        :func:`~shared.config.class_key`.
+        For an empty name, or one local name written twice.
     """
 
     entries: tuple[tuple[str, str], ...] = ()
     source: str = "the class map"
 
     def __post_init__(self) -> None:
-        seen: dict[str, str] = {}
         for local, target in self.entries:
             if not class_key(local) or not class_key(target):
                 raise ConfigError(f'{self.source}: {local!r} = {target!r} has an empty name; write `local name = "federation name"`')
-            if class_key(local) in seen:
-                raise ConfigError(
-                    f"{self.source} maps {seen[class_key(local)]!r} and {local!r}, which are one name ({_RULES}); keep one line"
-                )
-            seen[class_key(local)] = local
+        twice = sorted({local for local, _t in self.entries if [n for n, _t in self.entries].count(local) > 1})
+        if twice:
+            raise ConfigError(f"{self.source} has more than one line for {', '.join(map(repr, twice))}; keep one")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], *, source: str = "the class map") -> ClassMap:
@@ -99,9 +99,27 @@ class ClassMap:
         return cls(tuple((str(k), str(v)) for k, v in mapping.items()), source)
 
     def target(self, local: str) -> str | None:
-        """What the map says for ``local`` (matched by key), or ``None`` when it has no line for it."""
-        key = class_key(local)
-        return next((t for name, t in self.entries if class_key(name) == key), None)
+        """What the map says for ``local``, or ``None`` when it has no line for it.
+
+        Raises
+        ------
+        ConfigError
+            When only lines spelled differently match ``local`` and they disagree.
+        """
+        line = self.line(local)
+        return None if line is None else dict(self.entries)[line]
+
+    def line(self, local: str) -> str | None:
+        """The local name of the line that applies to ``local`` (see :meth:`target`), or ``None``."""
+        if local in dict(self.entries):
+            return local
+        close = [(name, t) for name, t in self.entries if class_key(name) == class_key(local)]
+        if len({class_key(t) for _name, t in close}) > 1:
+            raise ConfigError(
+                f"{self.source} has lines {', '.join(repr(n) for n, _t in close)} that all match the folder {local!r} ({_RULES}) "
+                "and say different things; write the line with the folder's exact name"
+            )
+        return close[0][0] if close else None
 
     def to_dict(self) -> dict[str, str]:
         return dict(self.entries)
@@ -243,8 +261,8 @@ def plan_labels(
             )
     if problems and strict:
         raise LabelMismatch(". Also: ".join(problems))  # one line: logs and error replies keep the last line
-    used = {class_key(n) for n in local}
-    unused = tuple(name for name, _t in class_map.entries if class_key(name) not in used)
+    used = {class_map.line(n) for n in local}
+    unused = tuple(name for name, _t in class_map.entries if name not in used)
     if unused:
         _log.warning("%s: %s has lines for %s, which %s does not have", where, class_map.source, _names(unused), where)
     nowhere = tuple(n for n, t in targets.items() if class_key(t) not in index)

@@ -70,3 +70,13 @@ def test_sites_with_different_classes_and_names_train_one_model_and_a_disagreein
         assert kept["classes"] == federation_classes and kept["round"] == 2  # the federation's classifier, not the site's
     assert "site-b: 40 images in 2 of the federation's 3 classes (none of sneaker)" in federation.procs.log("site-b")
     assert "site-c: 60 images in 3 of the federation's 3 classes" in federation.procs.log("site-c")
+    # Each site checked its data at start; the report stays in its state folder.
+    check = json.loads((federation.root / "state" / "site-c" / "data-check.json").read_text())
+    assert check["class_map"] == f"class map {class_map}" and check["ignored"] == ["returns"]
+    assert {name: f["class"] for name, f in check["folders"].items()} == {
+        "Handbag": "bag",
+        "pants": "trouser",
+        "returns": "ignore",
+        "sneaker": "sneaker",
+    }
+    assert "the full data check is in" in federation.procs.log("site-c")
