@@ -121,9 +121,6 @@ class ClassMap:
             )
         return close[0][0] if close else None
 
-    def to_dict(self) -> dict[str, str]:
-        return dict(self.entries)
-
 
 def load_class_map(path: str | Path) -> ClassMap:
     """Read a class map file: a flat TOML table of ``local name = "federation class"`` lines.
@@ -174,21 +171,6 @@ class LabelPlan:
         """Federation classes no local class lands on (the site has no images of them)."""
         have = {label for _name, label in self.assigned}
         return tuple(c for i, c in enumerate(self.classes) if i not in have)
-
-    def label(self, local: str) -> int | None:
-        """The label of local class ``local``; ``None`` when it is ignored (or not a local class)."""
-        return dict(self.assigned).get(local)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "classes": list(self.classes),
-            "mapping": {name: self.classes[label] for name, label in self.assigned},
-            "ignored": list(self.ignored),
-            "missing": list(self.missing),
-            "unknown": list(self.unknown),
-            "unused_map_lines": list(self.unused),
-            "problems": list(self.problems),
-        }
 
 
 def plan_labels(
@@ -241,16 +223,38 @@ def plan_labels(
             by_key.setdefault(class_key(target), target)
         classes = sorted(by_key.values())
     index = {class_key(c): i for i, c in enumerate(classes)}
-    problems: list[str] = []
+    assigned = [(n, index[class_key(t)]) for n, t in targets.items() if class_key(t) in index]
+    problems = _problems(targets, explicit, assigned, classes, source=class_map.source, where=where)
+    if problems and strict:
+        raise LabelMismatch(". Also: ".join(problems))  # one line: logs and error replies keep the last line
+    used = {class_map.line(n) for n in local}
+    unused = tuple(name for name, _t in class_map.entries if name not in used)
+    if unused:
+        _log.warning("%s: %s has lines for %s, which %s does not have", where, class_map.source, _names(unused), where)
+    nowhere = tuple(n for n, t in targets.items() if class_key(t) not in index)  # unknown, or mapped to no class
+    return LabelPlan(tuple(classes), tuple(assigned), tuple(ignored), unused, nowhere, tuple(problems))
+
+
+def _problems(
+    targets: dict[str, str],
+    explicit: set[str],
+    assigned: list[tuple[str, int]],
+    classes: Sequence[str],
+    *,
+    source: str,
+    where: str,
+) -> list[str]:
+    """What stops training: unknown names, map lines pointing nowhere, unannounced merges."""
+    index = {class_key(c) for c in classes}
+    problems = []
     unknown = [n for n, t in targets.items() if class_key(t) not in index and n not in explicit]
     if unknown:
         problems.append(_unknown_message(unknown, classes, where=where))
     for name in sorted(n for n, t in targets.items() if n in explicit and class_key(t) not in index):
         problems.append(
-            f"{class_map.source} says {name!r} = {targets[name]!r}, which is not one of the classes trained on ({_names(classes)}); "
+            f"{source} says {name!r} = {targets[name]!r}, which is not one of the classes trained on ({_names(classes)}); "
             'fix the name or write "ignore"'
         )
-    assigned = [(n, index[class_key(t)]) for n, t in targets.items() if class_key(t) in index]
     for label in sorted({label for _n, label in assigned}):
         sources = [n for n, lab in assigned if lab == label]
         if len(sources) > 1 and not all(n in explicit for n in sources):
@@ -259,14 +263,7 @@ def plan_labels(
                 f"{_names(sources)} in {where} all land on the class {classes[label]!r} ({_RULES}); if they are one class, "
                 f'say so in the class map, one line each ({lines}), otherwise rename one of them or map it to "ignore"'
             )
-    if problems and strict:
-        raise LabelMismatch(". Also: ".join(problems))  # one line: logs and error replies keep the last line
-    used = {class_map.line(n) for n in local}
-    unused = tuple(name for name, _t in class_map.entries if name not in used)
-    if unused:
-        _log.warning("%s: %s has lines for %s, which %s does not have", where, class_map.source, _names(unused), where)
-    nowhere = tuple(n for n, t in targets.items() if class_key(t) not in index)
-    return LabelPlan(tuple(classes), tuple(assigned), tuple(ignored), unused, nowhere, tuple(problems))
+    return problems
 
 
 def _names(names: Sequence[str]) -> str:
