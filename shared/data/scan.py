@@ -4,21 +4,22 @@
 :func:`~fedlens.shared.data.load_image_folder`, and decides about every file with
 the same function, so the two always agree on which files are used and which are
 skipped, and why. For each usable file it records its header facts and the SHA-256
-of its bytes (exact duplicates); it decodes each file at a tiny scale only to prove
-that it decodes (a truncated JPEG has a perfect header), so a 50-megapixel photo
-costs about a megapixel of memory.
+of its bytes (exact duplicates). It also decodes each file, at the smallest scale
+the format allows, because only decoding proves a file usable (a truncated JPEG has
+a perfect header): a 50-megapixel JPEG costs about a megabyte, other formats and
+DICOM their stored size once.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from ..models import Decoded, ImageDecodeError, file_kind, read_image
+from ..models import Decoded, ImageDecodeError, file_kind, read_image, sha256_of
 
 __all__ = ["FolderScan", "ImageFacts", "SkippedFile", "scan_folder"]
 
@@ -100,7 +101,7 @@ def scan_folder(root: str | Path, *, max_pixels: int) -> FolderScan:
     root = Path(root)
     images: list[ImageFacts] = []
     skipped: list[SkippedFile] = []
-    read = _reader(size=_PROBE_SIZE, max_pixels=max_pixels)
+    read = functools.partial(read_image, size=_PROBE_SIZE, max_pixels=max_pixels)
     for label_dir, path in walk_folder(root):
         result = read_file(path, read)
         if isinstance(result, SkippedFile):
@@ -116,7 +117,7 @@ def scan_folder(root: str | Path, *, max_pixels: int) -> FolderScan:
                 mode=info.mode,
                 bit_depth=info.bit_depth,
                 frames=info.frames,
-                sha256=_sha256(path),
+                sha256=sha256_of(path),
             )
         )
     return FolderScan(root=root, images=tuple(images), skipped=tuple(skipped))
@@ -163,18 +164,3 @@ def read_file(path: Path, read: Callable[[Path], Decoded]) -> Decoded | SkippedF
     if isinstance(result, SkippedFile):
         _log.debug("skipped %s: %s", path, result.reason)
     return result
-
-
-def _reader(*, size: int, max_pixels: int) -> Callable[[Path], Decoded]:
-    def read(path: Path) -> Decoded:
-        return read_image(path, size=size, max_pixels=max_pixels)
-
-    return read
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -153,3 +153,11 @@ def test_a_deployed_site_needs_the_servers_class_list(deployed):
     cfg, node = deployed
     with pytest.raises(DataError, match="sent no class list"):
         load_site(cfg, node)
+
+
+def test_a_deployed_site_sets_its_own_pixel_limit(deployed):
+    cfg, node = deployed
+    # The run's config allows the fixture's 24 x 24 images; the site's own limit does not.
+    with pytest.raises(DataError, match="0 readable images.*decompression bomb"):
+        load_site(cfg, {**node, "max-image-pixels": 24 * 24 - 1}, classes=CLASSES)
+    assert len(load_site(cfg, {**node, "max-image-pixels": 24 * 24}, classes=CLASSES).train) == 36
