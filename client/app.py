@@ -22,7 +22,7 @@ from fedlens.shared.config import FedConfig
 from fedlens.shared.errors import FedlensError
 from fedlens.shared.privacy import DPSGD, DPRequest, SiteRefusal, SiteUpdate, update_fingerprint
 from fedlens.shared.privacy.budget import allows_evaluation, allows_non_private
-from fedlens.shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
+from fedlens.shared.protocol import CLASSES, NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
 from fedlens.shared.task import site_seed
 
 from .secagg import handle_secagg, is_secagg_message
@@ -31,6 +31,11 @@ from .site import Site, load_site, site_audit, site_privacy
 __all__ = ["app", "build_client_app"]
 
 _log = logging.getLogger("fedlens.client")
+
+
+def _config(msg: Message) -> ConfigRecord:
+    """The server's config of a train or evaluate message (round, run id, the federation's classes)."""
+    return msg.content.config_records.get("config", ConfigRecord())
 
 
 def _round(config: Mapping[str, object]) -> int:
@@ -173,7 +178,7 @@ def _train_locally(
 
 
 def _train(site: Site, msg: Message, node_config: dict[str, object], state_root: Path | None) -> Message:
-    config = msg.content.config_records.get("config", ConfigRecord())
+    config = _config(msg)
     state, num_examples, metrics = _site_update(
         site,
         msg.content["arrays"].to_torch_state_dict(),
@@ -201,7 +206,7 @@ def _evaluate(site: Site, msg: Message, node_config: dict[str, object]) -> Messa
             "start the site with allow-evaluation=true to allow it"
         )
     site.task.load_trainable(msg.content["arrays"].to_torch_state_dict())
-    config = msg.content.config_records.get("config", ConfigRecord())
+    config = _config(msg)
     _keep_global_model(site, node_config, run_id=str(config.get(RUN_ID, msg.metadata.run_id)), round=_round(config))
     if len(site.eval) == 0:
         metrics = {NUM_EXAMPLES: 0, UNIT_WEIGHT: 1, "accuracy": 0.0, "loss": 0.0, "macro_f1": 0.0}
@@ -231,8 +236,11 @@ def build_client_app(cfg: FedConfig | None = None, *, state_root: str | Path | N
     """
     app = ClientApp()
 
-    def site_for(context: Context) -> Site:
-        return load_site(cfg or FedConfig.from_run_config(context.run_config), dict(context.node_config))
+    def site_for(context: Context, config: Mapping[str, object]) -> Site:
+        """The site, with the federation's label set from the message's ``config``."""
+        classes = config.get(CLASSES)
+        label_set = [str(c) for c in classes] if isinstance(classes, list) else None
+        return load_site(cfg or FedConfig.from_run_config(context.run_config), dict(context.node_config), classes=label_set)
 
     def root_for(context: Context) -> Path | None:
         if state_root is not None:
@@ -249,11 +257,11 @@ def build_client_app(cfg: FedConfig | None = None, *, state_root: str | Path | N
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if is_secagg_message(msg):  # secure aggregation: the legacy path, behind client.secagg
-            site = site_for(context)
 
             def update(
                 state: dict[str, torch.Tensor], config: dict[str, object]
             ) -> tuple[dict[str, torch.Tensor], int, dict[str, float], str]:
+                site = site_for(context, config)
                 out = _site_update(
                     site, state, config, node_config=dict(context.node_config), state_root=root_for(context), flower_run=context.run_id
                 )
@@ -261,17 +269,18 @@ def build_client_app(cfg: FedConfig | None = None, *, state_root: str | Path | N
 
             return handle_secagg(msg, context, update)
 
-        def inner(msg: Message, context: Context) -> Message:
-            return _train(site_for(context), msg, dict(context.node_config), root_for(context))
+        config = _config(msg)
 
-        config = msg.content.config_records.get("config", ConfigRecord())
+        def inner(msg: Message, context: Context) -> Message:
+            return _train(site_for(context, config), msg, dict(context.node_config), root_for(context))
+
         if KEY_CLIPPING_NORM in config:  # central DP with site-side clipping
             return fixedclipping_mod(msg, context, inner)
         return inner(msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return _evaluate(site_for(context), msg, dict(context.node_config))
+        return _evaluate(site_for(context, _config(msg)), msg, dict(context.node_config))
 
     return app
 

@@ -76,13 +76,15 @@ def _cmd_privacy_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from fedlens.shared.data import load_class_map
     from fedlens.shared.explain import DEFAULT_METHODS, ExplainOptions, explain
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else DEFAULT_METHODS
     if args.per_class < 1:
         raise FedlensError("--per-class must be at least 1")
     options = ExplainOptions(methods=methods, per_class=args.per_class, smoothgrad=args.smoothgrad, seed=args.seed)
-    report = explain(args.model, args.data, args.out, options)
+    class_map = load_class_map(args.class_map) if args.class_map else None
+    report = explain(args.model, args.data, args.out, options, class_map=class_map)
     perf = report["performance"]
     print(f"accuracy {perf['accuracy']:.4f}  macro-F1 {perf['macro_f1']:.4f} on {report['data']['images']} images")
     for name, t in report["trust"]["methods"].items():
@@ -150,17 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, metavar="DIR|fashion-mnist", help="image folder (one sub-folder per class) or fashion-mnist (test split)"
     )
     p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument(
+        "--class-map", type=Path, metavar="MAP.toml", help="the folder's own class names mapped onto the model's (a site's class map)"
+    )
     p.add_argument("--methods", help=f"comma list (default all): {','.join(method_names())}")
     p.add_argument("--per-class", type=int, default=10, help="images explained per class (default 10)")
     p.add_argument("--smoothgrad", type=int, default=0, metavar="N", help="SmoothGrad noise tunnel on Integrated Gradients with N samples")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_explain)
 
+    from .data_cli import add_commands as add_data_commands
     from .server_cli import add_commands as add_server_commands
     from .site_cli import add_commands as add_client_commands
 
     add_server_commands(sub)
     add_client_commands(sub)
+    add_data_commands(sub)
     return parser
 
 

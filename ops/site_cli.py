@@ -42,6 +42,7 @@ def _cmd_client_start(args: argparse.Namespace) -> int:
         allow_non_private=args.allow_non_private,
         device=args.device,
         port=args.port,
+        class_map=args.class_map,
         max_image_pixels=args.max_image_pixels,
     )
     if args.insecure:
@@ -105,6 +106,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q.add_argument("--key", type=Path, help="this site's private key SITE.key (from `fedlens certs add-site`)")
     q.add_argument("--data", type=Path, required=True, help="image folder: one sub-folder per class")
     q.add_argument("--state-dir", type=Path, required=True, help="this site's persistent state (privacy ledger)")
+    q.add_argument(
+        "--class-map",
+        type=Path,
+        metavar="MAP.toml",
+        help='this site\'s names for the federation\'s classes: `local folder = "federation class"` or `= "ignore"` per line',
+    )
     q.add_argument("--name", help="site name (default: the key file's name)")
     q.add_argument("--max-epsilon", type=float, default=8.0, help="this site's total privacy budget across all runs (default 8)")
     q.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="this site's delta (the stricter of this and the run's wins)")

@@ -61,6 +61,7 @@ class SiteSettings:
     device: str = "auto"
     port: int = DEFAULT_APP_PORT
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    class_map: Path | None = None  # the site's names for the federation's classes
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -156,6 +157,7 @@ def node_config(s: SiteSettings) -> str:
         "allow-non-private": s.allow_non_private,
         "device": s.device,
         "max-image-pixels": int(s.max_image_pixels),
+        **({"class-map": str(s.class_map.resolve())} if s.class_map else {}),
     }
 
     def value(v: object) -> str:
@@ -184,9 +186,7 @@ def supernode_command(s: SiteSettings) -> list[str]:
 
 
 def check_site(s: SiteSettings) -> int:
-    """Check the site's own side before connecting; returns the number of readable images."""
-    from fedlens.shared.data import load_image_folder
-
+    """Check the site's own side before connecting; returns the number of usable images."""
     if s.ca is not None:
         if not s.ca.is_file():
             raise ConnectError(f"CA certificate {s.ca} not found; the server admin gives every site the federation's ca.pem")
@@ -206,9 +206,43 @@ def check_site(s: SiteSettings) -> int:
     s.state_dir.mkdir(parents=True, exist_ok=True)
     if s.max_image_pixels < 1:
         raise ConnectError(f"--max-image-pixels must be at least 1, got {s.max_image_pixels}")
-    # Skipped files are counted per reason in the loader's one summary line.
-    images, _report = load_image_folder(s.data, image_size=32, name=s.name, max_pixels=s.max_image_pixels)
-    return len(images)
+    return _check_data(s)
+
+
+def _check_data(s: SiteSettings) -> int:
+    """The site's data check: a summary in the log, the report in ``STATE_DIR/data-check.json``.
+
+    It checks against the classes of the last global model this site kept, if any (a
+    run's own come with its first message), and refuses to start only for what no
+    label set fixes: no usable image, or two folders landing on one class without the
+    class map saying so. Returns the number of usable images.
+    """
+    from fedlens.client.app import GLOBAL_MODEL
+    from fedlens.shared.data import LabelMismatch, check_data, load_class_map, scan_folder, write_data_check
+    from fedlens.shared.errors import DataError
+
+    from .data_cli import classes_from
+
+    class_map = load_class_map(s.class_map) if s.class_map else None
+    classes, source = None, None
+    if (s.state_dir / GLOBAL_MODEL).is_file():
+        try:
+            classes, source = classes_from(s.state_dir / GLOBAL_MODEL)
+        except FedlensError as exc:
+            _log.warning("%s: the data check cannot read the classes of the kept global model: %s", s.name, exc)
+    scan = scan_folder(s.data, max_pixels=s.max_image_pixels)
+    # The run's batch-size arrives with its first message: no batch warning before then.
+    check = check_data(scan, classes=classes, class_map=class_map, batch_size=None, eval_fraction=0.0, classes_from=source)
+    path = write_data_check(check, s.state_dir)
+    for line in check.summary():
+        _log.log(logging.WARNING if line.startswith(("WOULD", "warning")) else logging.INFO, "%s: %s", s.name, line)
+    _log.info("%s: the full data check is in %s; it stays at this site", s.name, path)
+    if check.problems and classes is None:
+        raise LabelMismatch(". Also: ".join(check.problems))
+    if not check.images:
+        reasons = ", ".join(f"{n} {r}" for r, n in check.to_dict()["skipped"]["by_reason"].items())
+        raise DataError(f"data folder {s.data} has 0 usable images ({reasons or 'the class folders are empty'})")
+    return check.images
 
 
 INSECURE_BANNER = "INSECURE SITE: --insecure sends model updates in plaintext and skips site authentication; closed test networks only"

@@ -29,7 +29,7 @@ from fedlens.shared.config import RUN_DIR_KEY, FedConfig
 from fedlens.shared.data import load_dataset
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.metrics import ClassificationReport
-from fedlens.shared.protocol import ROUND_OFFSET, RUN_ID, SITE_REGISTRY_ENV
+from fedlens.shared.protocol import CLASSES, ROUND_OFFSET, RUN_ID, SITE_REGISTRY_ENV
 from fedlens.shared.rundir import RunDir
 from fedlens.shared.task import LocalData, Task
 
@@ -90,7 +90,7 @@ def serve(
     task = Task(cfg, test.num_classes)
     averager = ModelAverage(cfg.ema_decay) if cfg.ema_decay else None
     if done:
-        _resume(run, task, averager, done=done, num_rounds=cfg.num_rounds)
+        _resume(run, task, averager, done=done, num_rounds=cfg.num_rounds, classes=test.classes)
     initial = task.trainable_state()
     test_data = task.prepare(test, for_training=False)
     strategy = build_strategy(cfg, rounds_done=done)
@@ -98,7 +98,7 @@ def serve(
     recorder = _RoundRecorder(cfg, run, task, test_data, classes=test.classes, guard=guard, averager=averager, rounds_done=done, wall=wall)
     if expect_sites:
         _await_sites(grid, expect_sites, wait_s=_SITE_WAIT_S)
-    stopped = _run_rounds(grid, cfg, run, guard, initial, recorder.evaluate, rounds_done=done)
+    stopped = _run_rounds(grid, cfg, run, guard, initial, recorder.evaluate, rounds_done=done, classes=test.classes)
     unrecorded = guard.round_failures() if stopped else {}  # the round that stopped the run has no record
     return _finish(cfg, run, task, strategy, stopped=stopped, unrecorded=unrecorded, wall=wall.seconds())
 
@@ -114,15 +114,21 @@ class _WallClock:
         return self.previous + time.monotonic() - self.started
 
 
-def _resume(run: RunDir, task: Task, averager: ModelAverage | None, *, done: int, num_rounds: int) -> None:
+def _resume(run: RunDir, task: Task, averager: ModelAverage | None, *, done: int, num_rounds: int, classes: tuple[str, ...]) -> None:
     """Load the run's checkpoint into ``task`` (and ``averager``) to continue after round ``done``.
 
     Raises
     ------
     ConfigError
-        When an ``ema-decay`` run's checkpoint has no training state to continue from.
+        When the checkpoint's classes are not ``classes`` (the evaluation data changed),
+        or an ``ema-decay`` run's checkpoint has no training state to continue from.
     """
     ckpt = load_checkpoint(run.path)
+    if list(ckpt.meta.get("classes", [])) != list(classes):
+        raise ConfigError(
+            f"{run.path / 'model.safetensors'} was trained on the classes {', '.join(ckpt.meta.get('classes', []))}, but the "
+            f"evaluation data now gives {', '.join(classes)}; resume with the data the run started with, or set `classes`"
+        )
     task.model.load_state_dict(ckpt.state)
     if averager:  # the checkpoint holds the average; training continues from the plain aggregate
         if ckpt.training_state is None:
@@ -231,9 +237,20 @@ class _RoundRecorder:
 
 
 def _run_rounds(
-    grid: Grid, cfg: FedConfig, run: RunDir, guard: SiteGuard, initial: dict[str, Any], evaluate_fn: EvaluateFn, *, rounds_done: int
+    grid: Grid,
+    cfg: FedConfig,
+    run: RunDir,
+    guard: SiteGuard,
+    initial: dict[str, Any],
+    evaluate_fn: EvaluateFn,
+    *,
+    rounds_done: int,
+    classes: tuple[str, ...],
 ) -> str | None:
     """Train the rounds still to do; the reason the run stopped early, or None.
+
+    Every message carries the federation's label set (:data:`CLASSES`): sites build their
+    classifier from it and map their own class names onto it.
 
     Raises
     ------
@@ -243,19 +260,19 @@ def _run_rounds(
     remaining = cfg.num_rounds - rounds_done
     if remaining <= 0:
         return None
-    offset = {ROUND_OFFSET: rounds_done, RUN_ID: run.run_id}
+    sent = {ROUND_OFFSET: rounds_done, RUN_ID: run.run_id, CLASSES: list(classes)}  # in every message
     try:
         with _seeded_site_sampling(cfg.seed):
             if cfg.secagg:
-                _run_secagg(grid, cfg, guard, initial, offset, remaining, evaluate_fn)
+                _run_secagg(grid, cfg, guard, initial, sent, remaining, evaluate_fn)
             else:
                 guard.start(
                     grid=grid,
                     initial_arrays=ArrayRecord(initial),
                     num_rounds=remaining,
                     timeout=cfg.round_timeout,
-                    train_config=ConfigRecord(dict(offset)),
-                    evaluate_config=ConfigRecord(dict(offset)),
+                    train_config=ConfigRecord(dict(sent)),
+                    evaluate_config=ConfigRecord(dict(sent)),
                     evaluate_fn=evaluate_fn,
                 )
     except (RunStopped, PrivacyBudgetExhausted) as exc:

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import tomllib
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,15 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "parse_site_budgets",
+    "parse_classes",
+    "class_key",
     "config_keys",
     "check_epsilon_delta",
     "policy_parts",
     "augment_names",
     "AUGMENTS",
     "DEFAULT_DELTA",
+    "IGNORE_CLASS",
     "DEFAULT_MAX_IMAGE_PIXELS",
 ]
 
@@ -43,6 +47,9 @@ DP_MODES = ("auto", "book-keeping", "hooks", "functorch")
 ACCOUNTANTS = ("rdp", "prv")
 CENTRAL_DP = ("off", "server", "client")
 AUGMENTS = ("flip", "crop", "color")
+# What a class map says for a local class the federation does not train.
+IGNORE_CLASS = "ignore"
+_CLASS_SEPARATORS = re.compile(r"[\s_-]+")
 _POLICY = re.compile(r"head|full|last-([1-9][0-9]*)")
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 # 1e-5: well below 1/n for sites of a few thousand images (a delta >= 1/n would allow
@@ -76,6 +83,17 @@ class FedConfig:
     site_eval_fraction: float = _opt(0.1, "share of each site's images kept for federated evaluation at the site")
     max_train_images: int = _opt(0, "use at most this many training images, stratified (0 = all); for quick trials")
     max_test_images: int = _opt(0, "use at most this many test images, stratified (0 = all)")
+    # Empty by default: the server's data names the classes (its class folders, sorted).
+    # Naming them here fixes their order and lets the evaluation folder lack some.
+    classes: str = _opt(
+        "",
+        'the federation\'s label set, in label order, e.g. "normal, pneumonia, pleural effusion" (a list in a TOML file); '
+        "empty = the class names of data-path. Sites map their folders onto it by name",
+    )
+    class_map: str = _opt(
+        "",
+        'TOML file mapping data-path\'s class names onto `classes` (local = "class" or "ignore"); deployed sites use their own (--class-map)',
+    )
     max_image_pixels: int = _opt(
         DEFAULT_MAX_IMAGE_PIXELS,
         "folder images (and DICOM frames) with more pixels than this are skipped as decompression bombs, before decoding",
@@ -209,6 +227,8 @@ class FedConfig:
             if name not in names or "_" in key:
                 unknown.append(key)
                 continue
+            if name == "classes" and isinstance(value, (list, tuple)):  # a TOML list of names
+                value = _join_classes(value)
             updates[name] = value
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}. Valid keys: {', '.join(config_keys())}")
@@ -321,6 +341,7 @@ def _check_ranges(cfg: FedConfig) -> None:
     need(cfg.max_grad_norm > 0.0, f"`max-grad-norm` must be > 0, got {cfg.max_grad_norm}")
     need(cfg.site_max_epsilon >= 0.0, f"`site-max-epsilon` must be >= 0 (0 = target-epsilon), got {cfg.site_max_epsilon}")
     parse_site_budgets(cfg.site_budgets)
+    parse_classes(cfg.classes)
     if cfg.central_dp != "off":
         need(cfg.central_noise > 0.0, f"`central-noise` must be > 0, got {cfg.central_noise}")
         need(cfg.central_clip > 0.0, f"`central-clip` must be > 0, got {cfg.central_clip}")
@@ -425,6 +446,53 @@ def parse_site_budgets(text: str) -> dict[str, float]:
     return out
 
 
+def class_key(name: str) -> str:
+    """The form in which class names are compared: ``"Pleural_Effusion"`` -> ``"pleural effusion"``.
+
+    Unicode NFKC, case-folded, surrounding blanks dropped, and every run of spaces,
+    underscores and hyphens counted as one space. Two names with the same key are the
+    same class, wherever they are written (config, folder names, class maps).
+    """
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return " ".join(_CLASS_SEPARATORS.sub(" ", folded).split())
+
+
+def parse_classes(text: str) -> tuple[str, ...]:
+    """``"normal, pneumonia"`` -> ``("normal", "pneumonia")``; ``""`` -> ``()`` (taken from the data).
+
+    Raises
+    ------
+    ConfigError
+        For an empty name, the reserved name ``ignore``, or two names that are the
+        same class once compared by :func:`class_key`.
+    """
+    if not text.strip():
+        return ()
+    names = tuple(part.strip() for part in text.split(","))
+    if not all(class_key(n) for n in names):
+        raise ConfigError(f'`classes` = {text!r} has an empty class name; list names separated by commas, e.g. "normal, pneumonia"')
+    if any(class_key(n) == IGNORE_CLASS for n in names):
+        raise ConfigError(f"`classes` may not contain {IGNORE_CLASS!r}: class maps use it to leave a local class out")
+    seen: dict[str, str] = {}
+    for n in names:
+        if class_key(n) in seen:
+            raise ConfigError(
+                f"`classes` names one class twice: {seen[class_key(n)]!r} and {n!r} (names are compared ignoring case, "
+                "and spaces, '_' and '-' count as one)"
+            )
+        seen[class_key(n)] = n
+    return names
+
+
+def _join_classes(names: list[Any] | tuple[Any, ...]) -> str:
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"`classes` must be a list of names (strings), got {list(names)!r}")
+    bad = [n for n in names if "," in n]
+    if bad:
+        raise ConfigError(f"class names may not contain commas: {', '.join(map(repr, bad))}")
+    return ", ".join(names)
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Parse ``KEY=VALUE`` strings; values use TOML syntax, bare words are strings.
 
@@ -464,7 +532,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-        nested = [k for k, v in values.items() if isinstance(v, (dict, list))]
+        nested = [k for k, v in values.items() if isinstance(v, dict) or (isinstance(v, list) and k != "classes")]
         if nested:
             raise ConfigError(f"config file {path}: keys must be flat scalars; {', '.join(nested)} is a table or list")
     values.update(overrides or {})

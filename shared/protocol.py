@@ -2,7 +2,17 @@
 environment every Flower process of fedlens runs with (one place for all sides).
 Constants only: nothing here imports Flower."""
 
-__all__ = ["SITE_RECORD", "ROUND_OFFSET", "NUM_EXAMPLES", "RUN_ID", "UNIT_WEIGHT", "PARAM_NAMES_KEY", "FLOWER_ENV", "SITE_REGISTRY_ENV"]
+__all__ = [
+    "SITE_RECORD",
+    "CLASSES",
+    "ROUND_OFFSET",
+    "NUM_EXAMPLES",
+    "RUN_ID",
+    "UNIT_WEIGHT",
+    "PARAM_NAMES_KEY",
+    "FLOWER_ENV",
+    "SITE_REGISTRY_ENV",
+]
 
 # Flower must neither phone home nor install packages at run time (runtime dependency
 # installation runs `uv sync` into a fresh environment and pulls a CUDA build of torch).
@@ -23,6 +33,10 @@ NUM_EXAMPLES = "num-examples"
 # ConfigRecord key: the fedlens run id (stable across server restarts); sites key
 # their privacy ledgers by it.
 RUN_ID = "run-id"
+# ConfigRecord key of every train and evaluate message: the federation's label set, the
+# list of class names in label order. Sites map their own class names onto it by name
+# (fedlens.shared.data.labels) and build their classifier with one output per name.
+CLASSES = "classes"
 # MetricRecord key every site sets to 1: central DP weights sites equally by it.
 UNIT_WEIGHT = "unit-weight"
 # SecAgg+ train-config key carrying the parameter names, in order: the legacy

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import FedConfig
+from ..config import FedConfig, parse_classes
 from ..errors import DataError
 from ..models import get_backbone
 from ._imageset import ImageSet
 from ._sources import load_fashion_mnist, load_image_folder, load_npz
 from .features import default_cache_dir
+from .labels import ClassMap, load_class_map, plan_labels, relabel
 
 __all__ = ["load_dataset", "stratified_split", "stratified_cap"]
 
@@ -52,20 +53,30 @@ def load_dataset(cfg: FedConfig) -> tuple[ImageSet, ImageSet]:
     decoded by the configured backbone's :class:`~shared.models.ImageTransform` at
     ``image-size``; arrays keep their stored size and meet it per batch.
 
+    Labels follow ``classes`` when it is set; the data's class names are mapped onto it
+    by name, through ``class-map`` when one is given (:func:`~shared.data.labels.plan_labels`).
+
     Raises
     ------
+    LabelMismatch
+        When the data's class names do not fit ``classes``.
     DataError
         When the data cannot be found or read.
     """
+    classes = parse_classes(cfg.classes) or None
+    class_map = load_class_map(cfg.class_map) if cfg.class_map else None
     if cfg.dataset == "fashion-mnist":
         download_root = Path(cfg.cache_dir or default_cache_dir()) / "data"
         train, test = load_fashion_mnist(cfg.data_path or None, download_root=str(download_root))
+        train, test = _named(train, classes, class_map), _named(test, classes, class_map)
     else:
         if cfg.dataset == "folder":
             transform = get_backbone(cfg.backbone).transforms(image_size=cfg.image_size)
-            pool, _report = load_image_folder(cfg.data_path, transform=transform, max_pixels=cfg.max_image_pixels)
+            pool, _report = load_image_folder(
+                cfg.data_path, transform=transform, max_pixels=cfg.max_image_pixels, classes=classes, class_map=class_map
+            )
         else:
-            pool = load_npz(cfg.data_path)
+            pool = _named(load_npz(cfg.data_path), classes, class_map)
         if len(pool) < 2:
             raise DataError(f"{cfg.data_path} holds {len(pool)} image(s); at least 2 are needed to keep a test set")
         rest, held = stratified_split(pool.labels.numpy(), cfg.test_fraction, seed=cfg.seed)
@@ -74,3 +85,10 @@ def load_dataset(cfg: FedConfig) -> tuple[ImageSet, ImageSet]:
     test = test.subset(stratified_cap(test.labels.numpy(), cfg.max_test_images, seed=cfg.seed + 1), test.name)
     _log.debug("data: %d training images, %d test images, %d classes", len(train), len(test), train.num_classes)
     return train, test
+
+
+def _named(images: ImageSet, classes: tuple[str, ...] | None, class_map: ClassMap | None) -> ImageSet:
+    """An array data set under the configured label set (unchanged without ``classes`` and ``class-map``)."""
+    if classes is None and class_map is None:
+        return images
+    return relabel(images, plan_labels(images.classes, classes, class_map, where=images.name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from ..config import DEFAULT_MAX_IMAGE_PIXELS
 from ..errors import DataError
 from ..models import IMAGE_SUFFIXES, Decoded, ImageTransform, read_image
 from ._imageset import ImageSet, LoadReport
+from .labels import ClassMap, plan_labels
 from .scan import SkippedFile, class_folders, read_file, walk_folder
 
 __all__ = [
@@ -49,6 +51,9 @@ def load_image_folder(
     image_size: int | None = None,
     name: str | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    classes: Sequence[str] | None = None,
+    class_map: ClassMap | None = None,
+    where: str | None = None,
 ) -> tuple[ImageSet, LoadReport]:
     """Read an ImageFolder layout: ``root/<class>/<image>``, DICOM files included.
 
@@ -60,6 +65,10 @@ def load_image_folder(
     and counted per reason in the report, which is logged as one line; multi-frame
     files contribute their first frame. The same decision is made by
     :func:`~fedlens.shared.data.scan_folder`.
+
+    The class folders are mapped onto ``classes`` by name (:func:`plan_labels`), so
+    label ``i`` is ``classes[i]`` whatever folders this copy of the data has. Folders
+    the class map ignores are not read.
 
     Parameters
     ----------
@@ -75,9 +84,19 @@ def load_image_folder(
         Name of the set (default: the folder's name).
     max_pixels : int
         The config's ``max-image-pixels``.
+    classes : sequence of str, optional
+        The label set (the federation's classes, or a model's). Default: the class
+        folders' own names (after the class map), sorted.
+    class_map : ClassMap, optional
+        The data owner's renames and ``ignore`` lines.
+    where : str, optional
+        How messages name this data (default: ``data folder ROOT``).
 
     Raises
     ------
+    LabelMismatch
+        If a class folder is not in ``classes`` and not mapped or ignored, or two
+        land on one class without the class map saying so.
     DataError
         If ``root`` is missing, has no class folders, or holds no usable image.
     """
@@ -92,11 +111,12 @@ def load_image_folder(
 
     root = Path(root)
     report = LoadReport(source=str(root))
-    classes = class_folders(root)
+    folders = class_folders(root)
+    plan = plan_labels(folders, classes, class_map, where=where or f"data folder {root}")
     arrays: list[np.ndarray] = []
     labels: list[int] = []
-    label_of = {cls: i for i, cls in enumerate(classes)}
-    for label_dir, path in walk_folder(root, classes):
+    label_of = dict(plan.assigned)
+    for label_dir, path in walk_folder(root, list(label_of)):
         result = read_file(path, read)
         if isinstance(result, SkippedFile):
             report.skipped_files.append(result)
@@ -114,7 +134,7 @@ def load_image_folder(
         _log.info("%s", report.summary())
     channels = max(a.shape[0] for a in arrays)
     stacked = np.stack([np.repeat(a, channels // a.shape[0], axis=0) for a in arrays])
-    images = ImageSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.int64), tuple(classes), name or root.name)
+    images = ImageSet(torch.from_numpy(stacked), torch.tensor(labels, dtype=torch.int64), plan.classes, name or root.name)
     _check_classes(images, str(root))
     return images, report
 

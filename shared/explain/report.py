@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..config import FedConfig
-from ..data import ImageSet, load_dataset, load_image_folder
+from ..data import ClassMap, ImageSet, load_dataset, load_image_folder, plan_labels, relabel
 from ..errors import CheckpointError, DataError
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import ClassificationReport, classification_report, roc_curve
@@ -78,20 +78,22 @@ def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return task, meta
 
 
-def _load_images(data: str | ImageSet, task: Any, classes: list[str]) -> ImageSet:
-    """The images to explain, decoded by the model's own preprocessing, with the model's classes."""
-    if isinstance(data, ImageSet):
-        images = data
-    elif data == "fashion-mnist":
-        _train, test = load_dataset(FedConfig.from_mapping({"dataset": "fashion-mnist", "data-path": ""}, base=task.cfg))
-        images = test
-    else:
-        images, _report = load_image_folder(data, transform=task.transform, max_pixels=task.cfg.max_image_pixels)
-    if list(images.classes) != list(classes):
-        raise DataError(
-            f"the classes in {data if isinstance(data, str) else images.name} ({', '.join(images.classes)}) are not the model's ({', '.join(classes)}); "
-            "use a folder with one sub-folder per model class, named the same"
+def _load_images(data: str | ImageSet, task: Any, classes: list[str], class_map: ClassMap | None) -> ImageSet:
+    """The images to explain, decoded by the model's own preprocessing, labelled by the model's classes.
+
+    Their class names are mapped onto the model's by name (and through ``class_map``), as
+    a site maps its folders onto the federation's classes for training.
+    """
+    if isinstance(data, str) and data != "fashion-mnist":
+        images, _report = load_image_folder(
+            data, transform=task.transform, max_pixels=task.cfg.max_image_pixels, classes=classes, class_map=class_map
         )
+    else:
+        if isinstance(data, str):  # fashion-mnist: its test split
+            _train, data = load_dataset(
+                FedConfig.from_mapping({"dataset": "fashion-mnist", "data-path": "", "class-map": ""}, base=task.cfg)
+            )
+        images = relabel(data, plan_labels(data.classes, classes, class_map, where=data.name))
     counts = np.bincount(images.labels.numpy(), minlength=len(classes))
     empty = [c for c, k in zip(classes, counts) if k == 0]
     if empty:
@@ -256,7 +258,9 @@ def _write(out: str | Path, report: dict[str, Any], examples: torch.Tensor, maps
     _log.info("report written to %s (%.0fs)", out / "report.html", report["seconds"])
 
 
-def explain(model: str | Path, data: str | ImageSet, out: str | Path, options: ExplainOptions | None = None) -> dict[str, Any]:
+def explain(
+    model: str | Path, data: str | ImageSet, out: str | Path, options: ExplainOptions | None = None, *, class_map: ClassMap | None = None
+) -> dict[str, Any]:
     """Write ``report.html`` and ``report.json`` for ``model`` on ``data`` into ``out``.
 
     The steps: load the model and the images (decoded by the model's own
@@ -277,6 +281,9 @@ def explain(model: str | Path, data: str | ImageSet, out: str | Path, options: E
         Folder for the report (created).
     options : ExplainOptions, optional
         Methods, examples per class, SmoothGrad, sanity-check size and seed.
+    class_map : ClassMap, optional
+        The data's own class names mapped onto the model's (a site's class map); names
+        that are the model's classes need no line.
 
     Returns
     -------
@@ -287,8 +294,10 @@ def explain(model: str | Path, data: str | ImageSet, out: str | Path, options: E
     ------
     CheckpointError
         When ``model`` is not a fedlens safetensors model or does not fit its backbone.
+    LabelMismatch
+        When the data's class names do not map onto the model's.
     DataError
-        When the images cannot be read or their classes are not the model's.
+        When the images cannot be read.
     ValueError
         For an unknown method name (before any work).
     """
@@ -298,7 +307,7 @@ def explain(model: str | Path, data: str | ImageSet, out: str | Path, options: E
     started = time.monotonic()
     task, meta = load_model(model)
     classes = list(meta["classes"])
-    images = _load_images(data, task, classes)
+    images = _load_images(data, task, classes, class_map)
     source = data if isinstance(data, str) else f"{images.name} ({len(images)} images)"
     if len(images) == 0:
         raise DataError(f"{source} holds no readable images")

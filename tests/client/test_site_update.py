@@ -8,8 +8,12 @@ import torch
 from fedlens.client.app import _site_update
 from fedlens.client.site import load_site
 from fedlens.shared.config import FedConfig
+from fedlens.shared.data import LabelMismatch
 from fedlens.shared.errors import ConfigError, DataError
 from fedlens.shared.privacy import BudgetExceeded, PrivacyLedger, SiteRefusal
+from fedlens.shared.task import Task
+
+CLASSES = ("alpha", "beta", "gamma")  # the image_folder fixture's class folders
 
 
 @pytest.fixture
@@ -34,8 +38,8 @@ def deployed(image_folder, cache_dir, tmp_path):
     return cfg, node
 
 
-def _round(cfg, node, state=None, rnd=1, **extra):
-    site = load_site(cfg, node)
+def _round(cfg, node, state=None, rnd=1, classes=CLASSES, **extra):
+    site = load_site(cfg, node, classes=classes)
     state = state if state is not None else site.task.trainable_state()
     config = {"server-round": rnd, "run-id": "run-1", **extra}
     return site, _site_update(site, state, config, node_config=node, state_root=None, flower_run=0)
@@ -51,7 +55,7 @@ def test_a_round_is_recorded_before_its_update_is_returned(deployed, tmp_path):
 
 def test_a_re_asked_round_is_re_sent_not_retrained(deployed, tmp_path):
     cfg, node = deployed
-    start = load_site(cfg, node).task.trainable_state()
+    start = load_site(cfg, node, classes=CLASSES).task.trainable_state()
     _site, (first, _, m1) = _round(cfg, node, state=start)
     _, (again, _, m2) = _round(cfg, node, state=start)  # the server lost our reply and asks again
     assert len(PrivacyLedger(tmp_path / "state").entries()) == 1  # no second spend
@@ -94,14 +98,14 @@ def test_a_private_site_releases_held_out_metrics_only_if_it_opts_in(deployed):
 
     cfg, node = deployed
     with pytest.raises(SiteRefusal, match="allow-evaluation"):
-        _evaluate(load_site(cfg, node), None, node)  # refused before the message is even read
+        _evaluate(load_site(cfg, node, classes=CLASSES), None, node)  # refused before the message is even read
 
 
 def test_every_round_the_site_trains_or_refuses_is_in_its_audit_log(deployed, tmp_path):
     from fedlens.shared.privacy import SiteAudit, update_fingerprint
 
     cfg, node = deployed
-    start = load_site(cfg, node).task.trainable_state()
+    start = load_site(cfg, node, classes=CLASSES).task.trainable_state()
     _site, (update, _n, metrics) = _round(cfg, node, state=start)
     _round(cfg, node, state=start)  # re-asked
     public = FedConfig.from_mapping({"dp": False}, base=cfg)
@@ -123,9 +127,37 @@ def test_every_round_the_site_trains_or_refuses_is_in_its_audit_log(deployed, tm
     assert "WITHOUT differential privacy" in non_private["reason"]
 
 
+def test_a_site_missing_classes_trains_the_federations_classifier(deployed, tmp_path):
+    cfg, node = deployed
+    federation = ("Delta", "alpha", "beta", "gamma")  # one class this site has no images of
+    server = Task(cfg, len(federation)).trainable_state()
+    site, (update, _n, _metrics) = _round(cfg, node, state=server, classes=federation)
+    assert site.classes == federation and site.task.num_classes == 4
+    assert {k: v.shape for k, v in update.items()} == {k: v.shape for k, v in server.items()}
+    assert sorted(set(site.train.labels.tolist())) == [1, 2, 3]  # alpha, beta, gamma keep the federation's labels
+
+
+def test_a_site_whose_folders_disagree_refuses_before_anything_is_spent(deployed, tmp_path):
+    cfg, node = deployed
+    with pytest.raises(LabelMismatch, match="clinic-a's data folder .* has the class 'gamma'"):
+        _round(cfg, node, classes=("alpha", "beta", "pneumonia"))
+    assert not (tmp_path / "state" / "privacy-ledger.json").exists()
+    cmap = tmp_path / "map.toml"
+    cmap.write_text('gamma = "ignore"\n')
+    site, _reply = _round(cfg, {**node, "class-map": str(cmap)}, classes=("alpha", "beta", "pneumonia"))
+    assert site.task.num_classes == 3 and 2 not in site.train.labels.tolist()
+    assert len(PrivacyLedger(tmp_path / "state").entries()) == 1
+
+
+def test_a_deployed_site_needs_the_servers_class_list(deployed):
+    cfg, node = deployed
+    with pytest.raises(DataError, match="sent no class list"):
+        load_site(cfg, node)
+
+
 def test_a_deployed_site_sets_its_own_pixel_limit(deployed):
     cfg, node = deployed
     # The run's config allows the fixture's 24 x 24 images; the site's own limit does not.
     with pytest.raises(DataError, match="0 readable images.*decompression bomb"):
-        load_site(cfg, {**node, "max-image-pixels": 24 * 24 - 1})
-    assert len(load_site(cfg, {**node, "max-image-pixels": 24 * 24}).train) == 36
+        load_site(cfg, {**node, "max-image-pixels": 24 * 24 - 1}, classes=CLASSES)
+    assert len(load_site(cfg, {**node, "max-image-pixels": 24 * 24}, classes=CLASSES).train) == 36

@@ -63,6 +63,35 @@ def test_site_checks_its_own_side_first(tmp_path, image_folder):
         check_site(SiteSettings(**{**ok.__dict__, "max_epsilon": 0.0}))
 
 
+def test_the_site_check_writes_its_data_check_and_refuses_what_no_label_set_fixes(tmp_path, image_folder):
+    import json
+
+    import torch
+
+    from fedlens.shared.checkpoint import save_checkpoint
+    from fedlens.shared.data import LabelMismatch
+
+    state = tmp_path / "st"
+    ok = SiteSettings(server="h:1", data=image_folder, state_dir=state, name="clinic", ca=None, key=None)
+    assert check_site(ok) == 36
+    report = json.loads((state / "data-check.json").read_text())
+    assert report["classes_from"] is None and report["per_class"] == {"alpha": 12, "beta": 12, "gamma": 12}
+
+    # Against the classes of the global model the site kept from its last run: reported, not refused.
+    save_checkpoint(state / "global-model.safetensors", {"w": torch.zeros(1)}, config={}, classes=["alpha", "beta"], round=1)
+    assert check_site(ok) == 36
+    report = json.loads((state / "data-check.json").read_text())
+    assert report["unknown"] == ["gamma"] and "'gamma'" in report["problems"][0]
+
+    (state / "global-model.safetensors").unlink()
+    (image_folder / "Alpha").mkdir()  # two folders for one class, whatever the federation's classes
+    with pytest.raises(LabelMismatch, match="'Alpha', 'alpha'"):
+        check_site(ok)
+    cmap = tmp_path / "map.toml"
+    cmap.write_text('Alpha = "alpha"\nalpha = "alpha"\n')
+    assert check_site(SiteSettings(**{**ok.__dict__, "class_map": cmap})) == 36
+
+
 def test_registering_a_private_key_is_refused(tmp_path):
     init_ca(tmp_path / "c", ["localhost"])
     key, _pub = add_site(tmp_path / "c", "clinic")

@@ -12,11 +12,12 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedlens.server.app import _await_sites, _RoundRecorder, _seeded_site_sampling, _WallClock
+from fedlens.server.app import _await_sites, _resume, _RoundRecorder, _seeded_site_sampling, _WallClock
 from fedlens.server.guard import RoundReport, SiteGuard
 from fedlens.shared.averaging import ModelAverage
 from fedlens.shared.checkpoint import load_checkpoint
 from fedlens.shared.config import FedConfig
+from fedlens.shared.errors import ConfigError
 from fedlens.shared.metrics import ClassificationReport
 from fedlens.shared.rundir import RunDir
 
@@ -122,6 +123,16 @@ def test_with_ema_the_recorder_keeps_the_average_and_reports_the_rounds_own_mode
     ckpt = load_checkpoint(run.path)  # the average is published; training resumes from the plain aggregate
     assert torch.allclose(ckpt.state["bias"], torch.full((3,), 0.4))
     assert torch.allclose(ckpt.training_state["bias"], torch.full((3,), 0.6))
+
+
+def test_a_run_resumes_only_with_the_classes_it_was_trained_on(tmp_path):
+    recorder, run = _recorder(tmp_path, sites={})
+    recorder.evaluate(1, _weights(0.3))  # the checkpoint records classes a, b, c
+    with pytest.raises(ConfigError, match="trained on the classes a, b, c, but the evaluation data now gives a, b, d"):
+        _resume(run, BiasTask(), None, done=1, num_rounds=5, classes=("a", "b", "d"))
+    task = BiasTask()
+    _resume(run, task, None, done=1, num_rounds=5, classes=("a", "b", "c"))
+    assert torch.allclose(task.model.bias, torch.full((3,), 0.3))
 
 
 class FixedGrid:

@@ -13,6 +13,7 @@ from torch import nn
 
 from fedlens.shared.checkpoint import save_checkpoint
 from fedlens.shared.config import FedConfig
+from fedlens.shared.data import ClassMap, LabelMismatch
 from fedlens.shared.errors import CheckpointError, DataError
 from fedlens.shared.explain import ExplainOptions, attribute, deletion_insertion, explain, method_names, randomized_copy, rank_correlation
 from fedlens.shared.explain.render import _site_privacy
@@ -144,7 +145,7 @@ def test_bad_data_is_refused_or_reported(model_file, image_folder, tmp_path, cap
     renamed.mkdir()
     for name in ("alpha", "beta", "zeta"):
         (renamed / name).symlink_to(image_folder / ("gamma" if name == "zeta" else name))
-    with pytest.raises(DataError, match="not the model's"):
+    with pytest.raises(LabelMismatch, match="'zeta', not one of the classes trained on"):
         explain(model_file, str(renamed), tmp_path / "r2")
     missing = tmp_path / "missing-class"
     missing.mkdir()
@@ -155,6 +156,18 @@ def test_bad_data_is_refused_or_reported(model_file, image_folder, tmp_path, cap
         report = explain(model_file, str(missing), tmp_path / "r3", ExplainOptions(methods=("saliency",), per_class=1, sanity_images=2))
     assert "gamma" in caplog.text and "no images" in caplog.text
     assert report["data"]["per_class"] == [12, 12, 0]
+
+
+def test_a_site_explains_with_its_own_folder_names_through_its_class_map(model_file, image_folder, tmp_path):
+    own = tmp_path / "own-names"
+    own.mkdir()
+    for name, target in (("Alpha", "alpha"), ("b", "beta"), ("Gamma", "gamma"), ("scratch", "gamma")):
+        (own / name).symlink_to(image_folder / target)
+    cmap = ClassMap.from_mapping({"b": "beta", "scratch": "ignore"})
+    options = ExplainOptions(methods=("saliency",), per_class=1, sanity_images=2)
+    report = explain(model_file, str(own), tmp_path / "r", options, class_map=cmap)
+    assert report["performance"]["classes"] == ["alpha", "beta", "gamma"]
+    assert report["data"]["per_class"] == [12, 12, 12]  # 'scratch' is left out, not counted as gamma
 
 
 def test_report_is_reproducible_and_leaves_the_global_rng_alone(model_file, image_folder, tmp_path):

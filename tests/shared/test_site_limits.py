@@ -218,7 +218,7 @@ def test_a_deployed_site_refuses_non_private_runs_in_its_train_handler(deployed,
     from fedlens.shared.privacy import SiteAudit
 
     cfg, node = deployed
-    site = load_site(FedConfig.from_mapping(hostile, base=cfg), node)
+    site = load_site(FedConfig.from_mapping(hostile, base=cfg), node, classes=("alpha", "beta", "gamma"))
     with pytest.raises(SiteRefusal, match="allow-non-private=true"):
         _site_update(
             site, site.task.trainable_state(), {"server-round": 1, "run-id": "run-h"}, node_config=node, state_root=None, flower_run=0

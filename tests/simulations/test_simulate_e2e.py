@@ -65,6 +65,21 @@ def test_two_sites_one_round_writes_every_artifact(tmp_path, cache_dir):
     assert sum(map(sum, counts.values())) == 300
 
 
+def test_a_folder_simulation_takes_the_classes_and_a_class_map(tmp_path, cache_dir, image_folder):
+    # image_folder holds alpha, beta, gamma; the run names four classes in its own order and calls beta "b".
+    cmap = tmp_path / "map.toml"
+    cmap.write_text('beta = "b"\n')
+    extra = {"dataset": "folder", "data-path": str(image_folder), "batch-size": 4, "test-fraction": 0.25}
+    cfg = _cfg(cache_dir, **extra, **{"classes": "gamma, Alpha, b, delta", "class-map": str(cmap)})
+    out = tmp_path / "run"
+    summary = simulate(cfg, out)
+    assert summary["rounds"] == 1
+    assert load_checkpoint(out / "model.safetensors").meta["classes"] == ["gamma", "Alpha", "b", "delta"]
+    assert json.loads((out / "partitions.json").read_text())["classes"] == ["gamma", "Alpha", "b", "delta"]
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert len(record["server"]["confusion"]) == 4 and set(record["sites_train"]) == {"site-0", "site-1"}
+
+
 def test_a_failing_site_does_not_stop_the_run(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("FEDLENS_INJECT_FAULT", "site-1")
     summary = simulate(_cfg(cache_dir, **{"min-sites": 1}), tmp_path / "run")
@@ -178,7 +193,7 @@ def test_privacy_show_prints_the_ledger(tmp_path):
     assert missing.returncode == 2 and "no privacy ledger" in output
 
 
-@pytest.mark.parametrize("command", [[], ["simulate"], ["centralized"], ["config"], ["privacy", "show"]])
+@pytest.mark.parametrize("command", [[], ["simulate"], ["centralized"], ["config"], ["privacy", "show"], ["data", "check"]])
 def test_every_command_has_help(command):
     proc = _fedlens(*command, "--help")
     output, _ = proc.communicate(timeout=120)
