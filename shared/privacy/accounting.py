@@ -12,6 +12,7 @@ run's epsilon and delta.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 
@@ -84,6 +85,14 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     if steps < 1:
         raise ConfigError(f"a private run needs at least one step, got {steps}")
     check_privacy_params(epsilon=target_epsilon, delta=delta)
+    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    # A pure function of its arguments, and a slow one for small sites (a binary search over
+    # the accountant, seconds at sample rates near 0.3): a process that serves many simulated
+    # sites of the same size calibrates once for all of them.
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
