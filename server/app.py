@@ -34,8 +34,9 @@ from fedlens.shared.rundir import RunDir
 from fedlens.shared.task import LocalData, Task
 
 from .central_dp import central_summary
+from .flower_waits import PULL_BACKOFF_S, shorten_serverapp_waits
 from .guard import AllSitesFailed, RoundReport, RunStopped, SiteGuard, is_refusal, last_line
-from .sites import RegistryNamedGrid, SiteRegistry, wait_for_sites
+from .sites import RegistryNamedGrid, ShortPollGrid, SiteRegistry, wait_for_sites
 from .strategies import build_strategy
 
 if TYPE_CHECKING:  # the legacy SecAgg+ module is imported only when a run uses it
@@ -479,6 +480,7 @@ def build_server_app(cfg: FedConfig | None = None, out_dir: str | Path | None = 
             serve(grid, cfg, RunDir(out_dir), started=started, expect_sites=cfg.num_sites)
             return
         _log_through_flower()
+        grid = _short_waits(grid)
         run, run_cfg = _open_run_dir(context)
         registry = SiteRegistry.from_env()
         if registry is None:
@@ -534,6 +536,20 @@ def _open_run_dir(context: Context) -> tuple[RunDir, FedConfig]:
     done = run.prepare_resume()
     _log.info("resuming %s after round %d (Flower run %s)", run.path, done, context.run_id)
     return run, saved
+
+
+def _short_waits(grid: Grid) -> ShortPollGrid:
+    """The deployed grid, asking for replies more often than Flower's 3 s and retrying their content sooner."""
+    polled = ShortPollGrid(grid)
+    if why_not := shorten_serverapp_waits():
+        _log.warning("server waits: content still uploading is retried after Flower's own 1 s: %s", why_not)
+    else:
+        _log.info(
+            "server waits: asks for replies every %.1f s, retries content still uploading after %.1f s (Flower's own: 3 s, 1 s)",
+            polled.poll_s,
+            PULL_BACKOFF_S,
+        )
+    return polled
 
 
 def _log_through_flower() -> None:

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 
 from fedlens.shared.protocol import SITE_RECORD, SITE_REGISTRY_ENV
 
-__all__ = ["SiteRegistry", "RegistryNamedGrid", "wait_for_sites"]
+__all__ = ["SiteRegistry", "RegistryNamedGrid", "ShortPollGrid", "wait_for_sites"]
 
 _log = logging.getLogger("fedlens.server")
 
@@ -112,6 +112,42 @@ class DelegatingGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class ShortPollGrid(DelegatingGrid):
+    """Delegate to ``grid``, but wait for replies by asking for them every ``poll_s`` seconds.
+
+    Flower 1.42's deployed grid (``HttpGrid``) asks the SuperLink for replies every
+    3 s, a constant in its ``send_and_receive``; a reply waits 1.5 s on average to be
+    seen, twice per round. This is the same ``send_and_receive`` (push, then pull
+    until every reply is in or ``timeout`` passed), built on the grid's public
+    ``push_messages`` and ``pull_messages``, with a shorter wait.
+
+    Parameters
+    ----------
+    grid : Grid
+        The ServerApp's grid.
+    poll_s : float, default 0.2
+        Seconds between two pulls while replies are missing. Each pull is one request
+        to the SuperLink on the server host.
+    """
+
+    def __init__(self, grid: Grid, *, poll_s: float = 0.2) -> None:
+        super().__init__(grid)
+        self.poll_s = poll_s
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while deadline is None or time.monotonic() < deadline:
+            pulled = list(self.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+            if not waiting:
+                break
+            time.sleep(self.poll_s if deadline is None else max(0.0, min(self.poll_s, deadline - time.monotonic())))
+        return replies
 
 
 class RegistryNamedGrid(DelegatingGrid):

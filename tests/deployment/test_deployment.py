@@ -49,6 +49,10 @@ def test_three_sites_two_rounds_over_tls(federation: Federation, tmp_path):
         assert [e.round for e in entries] == [1, 2]
     log = federation.procs.log("run")
     assert "round 2/2" in log and "final accuracy" in log
+    # Flower's fixed 3 s polls are shortened in the processes fedlens runs (fedlens.server.flower_waits).
+    assert "server waits: asks for replies every 0.2 s, retries content still uploading after 0.1 s" in log
+    for site in SITES:
+        assert "SuperNode waits: asks for messages every 0.5 s" in federation.procs.log(site)
     # Each site kept the last global model and can explain it on its own images.
     kept = federation.root / "state" / "site-a" / "global-model.safetensors"
     meta = read_checkpoint_meta(kept)

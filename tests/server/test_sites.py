@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, Metric
 from flwr.serverapp.strategy import FedAvg
 
 from fedlens.server.guard import SiteGuard
-from fedlens.server.sites import RegistryNamedGrid, SiteRegistry
+from fedlens.server.sites import RegistryNamedGrid, ShortPollGrid, SiteRegistry
 from fedlens.shared.protocol import NUM_EXAMPLES, SITE_RECORD, SITE_REGISTRY_ENV
 
 
@@ -121,3 +121,49 @@ def test_the_named_grid_stamps_the_registry_name_into_every_reply(tmp_path, call
     assert replies[0].content.config_records[SITE_RECORD]["name"] == "hospital-a"
     assert replies[1].content.config_records[SITE_RECORD]["name"] == "unregistered-node-12"
     assert replies[2].has_error()
+
+
+class _SlowSites:
+    """A grid whose replies come in one per pull (the SuperLink's side is not under test)."""
+
+    def __init__(self, replies: list[Message]) -> None:
+        self.replies = replies
+        self.pulls = 0
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        return [f"i{m.metadata.dst_node_id}" for m in messages]
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        self.pulls += 1
+        ready = [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
+        return ready[:1]
+
+
+def _instruction(node: int) -> Message:
+    md = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
+    return Message(content=RecordDict(), metadata=md)
+
+
+def test_the_short_poll_grid_waits_for_every_reply_and_no_longer():
+    inner = _SlowSites([_reply(11), _reply(12), _reply(13, error="refused")])
+    grid = ShortPollGrid(inner, poll_s=0.0)  # type: ignore[arg-type]
+    replies = list(grid.send_and_receive([_instruction(n) for n in (11, 12, 13)], timeout=None))
+    assert sorted(r.metadata.src_node_id for r in replies) == [11, 12, 13]
+    assert inner.pulls == 3  # it stops asking once every reply is in
+
+
+def test_the_short_poll_grid_returns_what_came_when_the_round_times_out():
+    inner = _SlowSites([_reply(11)])  # node 12 never answers
+    replies = list(ShortPollGrid(inner, poll_s=0.01).send_and_receive([_instruction(11), _instruction(12)], timeout=0.3))  # type: ignore[arg-type]
+    assert [r.metadata.src_node_id for r in replies] == [11]
+    assert inner.pulls > 1
