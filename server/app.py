@@ -497,8 +497,20 @@ def _claim(run: RunDir) -> Iterator[None]:
 
 
 def _open_run_dir(context: Context) -> tuple[RunDir, FedConfig]:
-    """The run folder of a deployed run: new, or resumed after a server restart."""
+    """The run folder of a deployed run: new, or resumed after a server restart.
+
+    Raises
+    ------
+    ConfigError
+        For a run that asks for simulated attacks (``attack``, ``attack-sites``): those
+        are for ``fedlens simulate`` only.
+    """
     run_cfg = FedConfig.from_run_config(context.run_config)
+    if run_cfg.attack != "none" or run_cfg.attack_sites:
+        raise ConfigError(
+            "`attack` and `attack-sites` are for simulations only (`fedlens simulate`): a deployed run never "
+            "asks its sites to attack; remove them from the run config"
+        )
     target = str(context.run_config.get(RUN_DIR_KEY, ""))
     if not target:
         path = Path(str(context.run_config.get("out-dir", "runs/flwr"))) / str(context.run_id)
