@@ -304,6 +304,9 @@ def _check_types(cfg: FedConfig) -> None:
         if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(cfg, f.name, float(value))
             continue
+        if f.name == "attack_sites" and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, str(value))  # one partition id: `--set attack-sites=3` reads as a TOML integer
+            continue
         python_type = {"int": int, "float": float, "bool": bool, "str": str}[expected]
         if not isinstance(value, python_type) or (python_type is int and isinstance(value, bool)):
             raise ConfigError(f"`{key}` must be a {expected}, got {value!r} ({type(value).__name__})")
