@@ -36,7 +36,8 @@ from fedlens.shared.task import LocalData, Task
 from .central_dp import central_summary
 from .guard import AllSitesFailed, RoundReport, RunStopped, SiteGuard, is_refusal, last_line
 from .sites import RegistryNamedGrid, SiteRegistry, wait_for_sites
-from .strategies import build_strategy
+from .strategies import build_strategy, weight_key
+from .validate import UpdateValidator, norm_bound_rule
 
 if TYPE_CHECKING:  # the legacy SecAgg+ module is imported only when a run uses it
     from .secagg import EvaluateFn
@@ -94,7 +95,9 @@ def serve(
     initial = task.trainable_state()
     test_data = task.prepare(test, for_training=False)
     strategy = build_strategy(cfg, rounds_done=done)
-    guard = SiteGuard(strategy, registry)
+    validator = UpdateValidator(cfg, weight_key=weight_key(cfg))
+    _log.info("every update is validated before aggregation; update norm bound: %s", norm_bound_rule(cfg))
+    guard = SiteGuard(strategy, registry, validator=validator)
     recorder = _RoundRecorder(cfg, run, task, test_data, classes=test.classes, guard=guard, averager=averager, rounds_done=done, wall=wall)
     if expect_sites:
         _await_sites(grid, expect_sites, wait_s=_SITE_WAIT_S)
