@@ -23,7 +23,7 @@ from fedlens.shared.protocol import SITE_RECORD
 from .sites import SiteRegistry
 from .validate import UpdateRefused, UpdateValidator
 
-__all__ = ["SiteGuard", "AllSitesFailed", "RunStopped", "RoundReport", "is_refusal"]
+__all__ = ["SiteGuard", "AllSitesFailed", "RunStopped", "RunDiverged", "RoundReport", "is_refusal", "clean_site_name"]
 
 _log = logging.getLogger("fedlens.server.guard")
 
@@ -40,6 +40,17 @@ class AllSitesFailed(RuntimeError):
 
 class RunStopped(Exception):
     """The run ends early for a reason that is not a fault (privacy budgets used up)."""
+
+
+class RunDiverged(Exception):
+    """The global model diverged in round ``round`` (test loss ``loss``); the run fails.
+
+    Not a RuntimeError: nothing on the way out (the SecAgg+ path) may turn it into another failure.
+    """
+
+    def __init__(self, message: str, *, round: int, loss: float) -> None:
+        super().__init__(message)
+        self.round, self.loss = round, loss
 
 
 # How a site's refusal on privacy grounds shows in its error reply (exception class names).
