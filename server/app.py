@@ -88,7 +88,8 @@ def serve(
         When the global model diverged (its test loss non-finite or exploding).
 
     Either way ``summary.json`` is written first, naming the reason and the round of
-    the model that stays published (``published_round``); the run's status is failed.
+    the model that stays published (``published_round``; 0 when no round finished:
+    then the model the run started from is published); the run's status is failed.
     """
     started = time.monotonic() if started is None else started
     done = run.completed_rounds()
@@ -110,6 +111,10 @@ def serve(
     ending = _run_rounds(grid, cfg, run, guard, initial, recorder.evaluate, rounds_done=done)
     # The round that ended the run early has no record: its site failures go to the summary directly.
     unrecorded = guard.round_failures() if ending.stopped or ending.failed else {}
+    if ending.failed is not None and run.completed_rounds() == 0:
+        # Nothing better exists than what the run started from: publish that, as round 0, not nothing.
+        task.load_trainable(initial)
+        run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=0)
     summary = _finish(cfg, run, task, strategy, ending=ending, unrecorded=unrecorded, wall=wall.seconds())
     if ending.failed is not None:
         raise ending.failed
@@ -219,7 +224,8 @@ class _RoundRecorder:
         raise RunDiverged(
             f"round {rnd}: the global model diverged: test loss {loss:.4g}, past {factor:g} x {what} {reference:.4g} "
             f"(divergence-factor). Likely cause: {divergence_cause(self.cfg, server=True)}. "
-            + (f"The model of round {rnd - 1} stays published." if rnd > 1 else "No round finished before it; no model is published."),
+            + f"The model of round {rnd - 1} stays published"
+            + (" (the model the run started from)" if rnd == 1 else ""),
             round=rnd,
             loss=loss,
         )

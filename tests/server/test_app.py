@@ -168,8 +168,8 @@ def test_a_later_round_is_held_to_round_ones_loss_and_non_finite_loss_always_sto
     assert load_checkpoint(run.path).meta["round"] == 2
 
 
-def test_a_first_round_that_diverges_publishes_nothing(tmp_path):
+def test_a_first_round_that_diverges_records_nothing(tmp_path):
     recorder, run = _recorder(tmp_path, sites={})
-    with pytest.raises(RunDiverged, match="No round finished before it"):
+    with pytest.raises(RunDiverged, match=r"The model of round 0 stays published \(the model the run started from\)"):
         recorder.evaluate(1, _weights(-30.0))
-    assert run.records() == [] and not (run.path / "model.safetensors").exists()
+    assert run.records() == [] and not (run.path / "model.safetensors").exists()  # serve() publishes the starting model
