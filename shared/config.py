@@ -515,6 +515,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
+        if isinstance(value, float) and raw.isalpha():  # TOML reads the bare words nan and inf as floats
+            value = raw
         out[key.strip()] = value
     return out
 

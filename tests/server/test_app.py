@@ -173,3 +173,16 @@ def test_a_first_round_that_diverges_records_nothing(tmp_path):
     with pytest.raises(RunDiverged, match=r"The model of round 0 stays published \(the model the run started from\)"):
         recorder.evaluate(1, _weights(-30.0))
     assert run.records() == [] and not (run.path / "model.safetensors").exists()  # serve() publishes the starting model
+
+
+def test_the_deployed_server_app_refuses_a_run_with_simulated_attackers(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedlens.server.app import _open_run_dir
+    from fedlens.shared.errors import ConfigError
+
+    run_config = {**FedConfig.from_mapping({"attack": "sign-flip", "attack-sites": "0"}).to_dict(), "run-dir": str(tmp_path / "run")}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(ConfigError, match="for simulations only"):
+        _open_run_dir(context)
+    assert not (tmp_path / "run").exists()

@@ -156,6 +156,6 @@ def test_attack_sites_name_partition_ids_with_an_optional_kind_each():
     assert parse_attack_sites("0, 3", attack="sign-flip") == {0: "sign-flip", 3: "sign-flip"}
     assert parse_attack_sites("1=nan,2=huge-count,3", attack="scale") == {1: "nan", 2: "huge-count", 3: "scale"}
     assert parse_attack_sites("", attack="scale") == {}
-    assert FedConfig.from_mapping({"attack": "nan", **parse_overrides(["attack-sites=3"])}).attack_sites == "3"
+    assert FedConfig.from_mapping(parse_overrides(["attack=nan", "attack-sites=3"])).attack_sites == "3"  # bare nan: a word, not a float
     with pytest.raises(ConfigError, match="twice"):
         parse_attack_sites("1,1=nan", attack="scale")
