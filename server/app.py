@@ -30,7 +30,7 @@ from fedlens.shared.config import RUN_DIR_KEY, FedConfig
 from fedlens.shared.data import load_dataset
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.metrics import ClassificationReport
-from fedlens.shared.protocol import NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_REGISTRY_ENV
+from fedlens.shared.protocol import NUM_EXAMPLES, PRIVACY_METRICS, ROUND_OFFSET, RUN_ID, SITE_REGISTRY_ENV
 from fedlens.shared.rundir import RunDir
 from fedlens.shared.task import LocalData, Task, divergence_cause
 
@@ -508,7 +508,7 @@ def privacy_summary(cfg: FedConfig, records: list[dict[str, Any]], *, central: d
     non_private: set[str] = set()
     for r in records:
         for site, m in r.get("sites_train", {}).items():
-            if not m.get("dp"):
+            if not m.get("dp") or any(key not in m for key in PRIVACY_METRICS):
                 non_private.add(site)
                 continue
             sites[site] = {

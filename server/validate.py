@@ -16,7 +16,8 @@ The rules, in order (docs/privacy.md, "Update validation"):
 3. every value finite;
 4. the training-image count: a whole number, at least 1, at most ``max-site-examples``
    and at most what the site claimed the first time this server saw it in the run;
-5. in a DP run, the DP-SGD accounting (``dp = 1``, a finite noise multiplier);
+5. in a DP run, the DP-SGD accounting (``dp = 1`` and every key of
+   :data:`~fedlens.shared.protocol.PRIVACY_METRICS`, finite);
 6. the distance from the global model (L2 norm of the update) at most
    ``max-update-norm``, or, in a DP run with SGD, the bound
    :func:`~fedlens.shared.privacy.dpsgd.update_norm_bound` derives from the clipping
@@ -41,7 +42,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedlens.shared.config import FedConfig
 from fedlens.shared.privacy.dpsgd import update_norm_bound
-from fedlens.shared.protocol import NUM_EXAMPLES, UNIT_WEIGHT
+from fedlens.shared.protocol import NUM_EXAMPLES, PRIVACY_METRICS, UNIT_WEIGHT
 
 __all__ = ["UpdateValidator", "UpdateRefused", "norm_bound_rule"]
 
@@ -72,12 +73,16 @@ def _derivable(cfg: FedConfig) -> bool:
     return cfg.optimizer == "sgd" and cfg.weight_decay == 0.0 and prox_ok
 
 
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _count(metrics: Mapping[str, object], *, minimum: int) -> int:
     """The training-image count a reply claims, as an int, or raise."""
     if NUM_EXAMPLES not in metrics:
         raise UpdateRefused(f"the reply has no `{NUM_EXAMPLES}` (the number of images it trained on)")
     value = metrics[NUM_EXAMPLES]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+    if not _finite_number(value) or value != int(value):  # type: ignore[call-overload]
         raise UpdateRefused(f"`{NUM_EXAMPLES}` must be a whole number, got {value!r}"[:200])
     if int(value) < minimum:
         raise UpdateRefused(f"`{NUM_EXAMPLES}` is {int(value)}, below {minimum}")
@@ -97,8 +102,8 @@ def _scalars(metrics: MetricRecord) -> dict[str, float]:
     """The finite scalar metrics (lists and non-finite values are dropped)."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[str(key)] = float(value)
+        if _finite_number(value):
+            out[str(key)] = float(value)  # type: ignore[arg-type]
     return out
 
 
@@ -180,15 +185,16 @@ class UpdateValidator:
         return count
 
     def _noise_multiplier(self, metrics: Mapping[str, object]) -> float | None:
-        """The DP-SGD noise multiplier a reply reports; in a DP run one must be there."""
+        """The DP-SGD noise multiplier a reply reports; in a DP run its whole accounting must be there."""
         if not self.cfg.dp:
             return None
-        dp, sigma = metrics.get("dp"), metrics.get("noise-multiplier")
-        if dp != 1 or isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        facts = [metrics.get(key) for key in PRIVACY_METRICS]
+        if metrics.get("dp") != 1 or not all(_finite_number(v) and v >= 0 for v in facts):  # type: ignore[operator]
             raise UpdateRefused(
-                "the reply has no DP-SGD accounting (`dp` = 1 and a noise multiplier): a DP run aggregates only DP-SGD updates"
+                f"the reply has no DP-SGD accounting (`dp` = 1 and finite {', '.join(PRIVACY_METRICS)}): "
+                "a DP run aggregates only DP-SGD updates"
             )
-        return float(sigma)
+        return float(metrics["noise-multiplier"])  # type: ignore[arg-type]
 
     def _arrays(self, record: ArrayRecord) -> dict[str, np.ndarray]:
         """Decode every array, checking names, encoding, size, shape, dtype and finiteness."""

@@ -125,6 +125,7 @@ def test_a_dp_run_takes_only_dp_sgd_updates():
     _refused(validator, _content(), "no DP-SGD accounting")
     _refused(validator, _content(**{**DP_METRICS, "noise-multiplier": float("nan")}), "no DP-SGD accounting")
     _refused(validator, _content(**{**DP_METRICS, "dp": 0.0}), "no DP-SGD accounting")
+    _refused(validator, _content(**{k: v for k, v in DP_METRICS.items() if k != "delta"}), "no DP-SGD accounting")
     assert validator.train_reply("site-0", _content(**DP_METRICS))
 
 
@@ -209,3 +210,14 @@ def test_a_secure_aggregate_is_checked_as_a_whole():
     w[0, 0] = float("nan")
     with pytest.raises(UpdateRefused, match="non-finite"):
         validator.check_aggregate(ArrayRecord({"w": w, "b": torch.zeros(4)}), counts=[10], noises=[None])
+
+
+def test_the_accounting_a_dp_run_requires_is_what_a_private_site_sends():
+    from fedlens.shared.privacy import LedgerEntry
+    from fedlens.shared.privacy.site import privacy_metrics
+    from fedlens.shared.protocol import PRIVACY_METRICS
+
+    entry = LedgerEntry(
+        run_id="r", round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10, epsilon=0.5, delta=1e-5, accountant="rdp", time=0.0
+    )
+    assert set(privacy_metrics(entry, run_steps=10)) == set(PRIVACY_METRICS)
