@@ -223,7 +223,7 @@ class _RoundRecorder:
         what = "round 1's" if self.first_loss is not None and rnd > 1 and self.first_loss >= chance else "chance level's"
         raise RunDiverged(
             f"round {rnd}: the global model diverged: test loss {loss:.4g}, past {factor:g} x {what} {reference:.4g} "
-            f"(divergence-factor). Likely cause: {divergence_cause(self.cfg, server=True)}. "
+            f"(divergence-factor). Likely cause: {divergence_cause(self.cfg, server=True, private=self.cfg.dp)}. "
             + f"The model of round {rnd - 1} stays published"
             + (" (the model the run started from)" if rnd == 1 else ""),
             round=rnd,
@@ -348,7 +348,8 @@ def _finish(
 
     ``unrecorded`` holds the site failures of a round that ended the run before it was
     recorded (every site refused, say); they count in ``site_failures`` like any other.
-    ``published_round`` is the round of the model in ``model.safetensors`` (0: none).
+    ``published_round`` is the round of the model in ``model.safetensors`` (0: the model the run
+    started from, published when the run failed before any round finished; or no model at all).
     """
     stopped = ending.stopped
     records = run.records()

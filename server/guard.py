@@ -11,7 +11,6 @@ reason when a round produced no usable update.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -20,10 +19,10 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlens.shared.protocol import SITE_RECORD
 
-from .sites import SiteRegistry
+from .sites import SiteRegistry, clean_site_name
 from .validate import UpdateRefused, UpdateValidator
 
-__all__ = ["SiteGuard", "AllSitesFailed", "RunStopped", "RunDiverged", "RoundReport", "is_refusal", "clean_site_name"]
+__all__ = ["SiteGuard", "AllSitesFailed", "RunStopped", "RunDiverged", "RoundReport", "is_refusal"]
 
 _log = logging.getLogger("fedlens.server.guard")
 
@@ -60,13 +59,6 @@ REFUSAL_MARKS = ("BudgetExceeded", "SiteRefusal")
 def is_refusal(reason: str) -> bool:
     """Whether a failure reason is a site declining on privacy grounds (not a crash)."""
     return any(mark in reason for mark in REFUSAL_MARKS)
-
-
-def clean_site_name(raw: object) -> str | None:
-    """A self-reported site name fit for logs and JSON keys (word characters, ``.@+-``, at most 64), or None."""
-    if not isinstance(raw, str) or not raw.strip():
-        return None
-    return re.sub(r"[^\w.@+-]", "_", raw.strip())[:64]
 
 
 class RoundReport:

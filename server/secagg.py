@@ -19,7 +19,6 @@ callback raises. Here a halted round raises :class:`RuntimeError`.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from flwr.serverapp import Grid
 
 from fedlens.shared.protocol import NUM_EXAMPLES, PARAM_NAMES_KEY, SITE_RECORD
 
-from .sites import DelegatingGrid, wait_for_sites
+from .sites import DelegatingGrid, clean_site_name, wait_for_sites
 
 __all__ = ["run_secagg_rounds", "MAX_WEIGHT", "QUANTIZATION_RANGE"]
 
@@ -141,8 +140,7 @@ def _stage(msg: Message) -> str:
 def _site_name(reply: Message) -> str:
     """The name a masked-vector reply carries (the registry's, behind a RegistryNamedGrid), or ``node-<id>``."""
     site = reply.content.config_records.get(SITE_RECORD)
-    raw = site.get("name") if site is not None else None
-    return re.sub(r"[^\w.@+-]", "_", raw.strip())[:64] if isinstance(raw, str) and raw.strip() else f"node-{reply.metadata.src_node_id}"
+    return clean_site_name(site.get("name") if site is not None else None) or f"node-{reply.metadata.src_node_id}"
 
 
 def _site_metrics(reply: Message) -> dict[str, float]:

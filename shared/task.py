@@ -105,7 +105,7 @@ def local_split(data: LocalData, labels: np.ndarray, fraction: float, *, seed: i
     return data.subset(torch.as_tensor(rest)), data.subset(torch.as_tensor(held))
 
 
-def divergence_cause(cfg: FedConfig, *, server: bool, lr: float | None = None) -> str:
+def divergence_cause(cfg: FedConfig, *, server: bool, private: bool, lr: float | None = None) -> str:
     """The likely cause of divergence under ``cfg``, in words, for error messages.
 
     Parameters
@@ -114,6 +114,8 @@ def divergence_cause(cfg: FedConfig, *, server: bool, lr: float | None = None) -
         The run's configuration.
     server : bool
         The global model diverged (the server's step counts too), not one site's training.
+    private : bool
+        The training ran DP-SGD (its clipping bound is a likely cause too).
     lr : float, optional
         The site learning rate in use (default: the config's ``lr``).
     """
@@ -121,9 +123,9 @@ def divergence_cause(cfg: FedConfig, *, server: bool, lr: float | None = None) -
     if server and cfg.strategy in ("fedavgm", "fedadam", "fedyogi"):
         rates.append(f"`server-lr` = {cfg.server_learning_rate():g} with {cfg.strategy}")
     text = f"a learning rate too high for these settings ({'; '.join(rates)})"
-    if cfg.dp:
+    if private:
         text += f", or a clipping bound (`max-grad-norm` = {cfg.max_grad_norm:g}) too large for it"
-    if not cfg.dp and cfg.optimizer == "sgd" and cfg.lr >= 0.1:
+    if not private and cfg.optimizer == "sgd" and cfg.lr >= 0.1:
         text += "; the DP-tuned lr without DP-SGD's clipping does this: `--experiment non-private` has the settings for dp = false"
     return text
 
@@ -142,7 +144,7 @@ class _DivergenceWatch:
     def __init__(self, cfg: FedConfig, *, lr: float, num_classes: int, private: bool) -> None:
         self.factor, self.private, self.chance = cfg.divergence_factor, private, math.log(max(num_classes, 2))
         self.first: float | None = None
-        self.cause = divergence_cause(cfg, server=False, lr=lr)
+        self.cause = divergence_cause(cfg, server=False, private=private, lr=lr)
 
     def loss(self, value: float, step: int) -> None:
         if self.factor <= 0 or self.private:
