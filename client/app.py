@@ -6,6 +6,7 @@ core and packs the reply. The trainable parameters are the only arrays exchanged
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from fedlens.shared.privacy.budget import allows_evaluation, allows_non_private
 from fedlens.shared.protocol import CLASSES, NUM_EXAMPLES, ROUND_OFFSET, RUN_ID, SITE_RECORD, UNIT_WEIGHT
 from fedlens.shared.task import site_seed
 
+from .attack import attack_of, corrupt_update, poison_labels
 from .secagg import handle_secagg, is_secagg_message
 from .site import Site, load_site, site_audit, site_privacy
 
@@ -91,9 +93,28 @@ def _site_update(
     training, and records the round in the ledger (under its lock) and in the site's
     audit log before the update leaves. A non-private round (``dp = false``) is
     refused here unless the site allows it, and audited here at a deployed site.
+
+    A simulated site named in ``attack-sites`` trains the same way (and spends the
+    same privacy), on poisoned labels or followed by a corrupted update (:mod:`.attack`).
     """
     if site.name in os.environ.get(FAULT_ENV, "").split(","):
         raise RuntimeError(f"injected fault at {site.name} ({FAULT_ENV})")
+    attack = attack_of(site.task.cfg, node_config, simulated=site.simulated)
+    if attack == "label-flip":
+        site = dataclasses.replace(site, train=poison_labels(site.train))
+    update = _trained_update(site, state, config, node_config=node_config, state_root=state_root, flower_run=flower_run)
+    return corrupt_update(attack, update, state, scale=site.task.cfg.attack_scale, site=site.name)
+
+
+def _trained_update(
+    site: Site,
+    state: dict[str, torch.Tensor],
+    config: Mapping[str, object],
+    *,
+    node_config: dict[str, object],
+    state_root: Path | None,
+    flower_run: int,
+) -> SiteUpdate:
     cfg = site.task.cfg
     rnd = _round(config)
     run_id = str(config.get(RUN_ID, flower_run))

@@ -84,12 +84,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .launch import launch
 
-    conn = _operator_connection(args)
     cfg, out = run_target(args, "run")
     if cfg is None:
         cfg = RunDir(out).config()
     elif (out / "config.toml").exists():
         raise FedlensError(f"{out} already holds a run; continue it with `--resume {out}` or pass another `--out`")
+    if cfg.attack != "none" or cfg.attack_sites:
+        raise FedlensError("`attack` and `attack-sites` are for simulations only (`fedlens simulate`); remove them to run a deployment")
+    conn = _operator_connection(args)
     summary = launch(conn, cfg, out, max_restarts=args.max_restarts, reconnect_timeout=args.reconnect_timeout)
     print_result(summary, out)
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import random
 import time
 from collections.abc import Iterator
@@ -29,20 +30,21 @@ from fedlens.shared.config import RUN_DIR_KEY, FedConfig
 from fedlens.shared.data import load_dataset
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.metrics import ClassificationReport
-from fedlens.shared.protocol import CLASSES, ROUND_OFFSET, RUN_ID, SITE_REGISTRY_ENV
+from fedlens.shared.protocol import CLASSES, NUM_EXAMPLES, PRIVACY_METRICS, ROUND_OFFSET, RUN_ID, SITE_REGISTRY_ENV
 from fedlens.shared.rundir import RunDir
-from fedlens.shared.task import LocalData, Task
+from fedlens.shared.task import LocalData, Task, divergence_cause
 
 from .central_dp import central_summary
 from .flower_waits import PULL_BACKOFF_S, shorten_serverapp_waits
-from .guard import AllSitesFailed, RoundReport, RunStopped, SiteGuard, is_refusal, last_line
+from .guard import AllSitesFailed, RoundReport, RunDiverged, RunStopped, SiteGuard, is_refusal, last_line
 from .sites import RegistryNamedGrid, ShortPollGrid, SiteRegistry, wait_for_sites
-from .strategies import build_strategy
+from .strategies import build_strategy, weight_key
+from .validate import UpdateRefused, UpdateValidator, norm_bound_rule
 
 if TYPE_CHECKING:  # the legacy SecAgg+ module is imported only when a run uses it
     from .secagg import EvaluateFn
 
-__all__ = ["app", "build_server_app", "serve", "privacy_summary", "AllSitesFailed"]
+__all__ = ["app", "build_server_app", "serve", "privacy_summary", "AllSitesFailed", "RunDiverged"]
 
 _log = logging.getLogger("fedlens.server")
 
@@ -83,6 +85,12 @@ def serve(
     ------
     AllSitesFailed
         When a round produced no usable update.
+    RunDiverged
+        When the global model diverged (its test loss non-finite or exploding).
+
+    Either way ``summary.json`` is written first, naming the reason and the round of
+    the model that stays published (``published_round``; 0 when no round finished:
+    then the model the run started from is published); the run's status is failed.
     """
     started = time.monotonic() if started is None else started
     done = run.completed_rounds()
@@ -95,13 +103,31 @@ def serve(
     initial = task.trainable_state()
     test_data = task.prepare(test, for_training=False)
     strategy = build_strategy(cfg, rounds_done=done)
-    guard = SiteGuard(strategy, registry)
+    validator = UpdateValidator(cfg, weight_key=weight_key(cfg))
+    _log.info("every update is validated before aggregation; update norm bound: %s", norm_bound_rule(cfg))
+    guard = SiteGuard(strategy, registry, validator=validator)
     recorder = _RoundRecorder(cfg, run, task, test_data, classes=test.classes, guard=guard, averager=averager, rounds_done=done, wall=wall)
     if expect_sites:
         _await_sites(grid, expect_sites, wait_s=_SITE_WAIT_S)
-    stopped = _run_rounds(grid, cfg, run, guard, initial, recorder.evaluate, rounds_done=done, classes=test.classes)
-    unrecorded = guard.round_failures() if stopped else {}  # the round that stopped the run has no record
-    return _finish(cfg, run, task, strategy, stopped=stopped, unrecorded=unrecorded, wall=wall.seconds())
+    ending = _run_rounds(grid, cfg, run, guard, initial, recorder.evaluate, rounds_done=done, classes=test.classes)
+    # The round that ended the run early has no record: its site failures go to the summary directly.
+    unrecorded = guard.round_failures() if ending.stopped or ending.failed else {}
+    if ending.failed is not None and run.completed_rounds() == 0:
+        # Nothing better exists than what the run started from: publish that, as round 0, not nothing.
+        task.load_trainable(initial)
+        run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=0)
+    summary = _finish(cfg, run, task, strategy, ending=ending, unrecorded=unrecorded, wall=wall.seconds())
+    if ending.failed is not None:
+        raise ending.failed
+    return summary
+
+
+@dataclass(frozen=True)
+class _Ending:
+    """How the rounds ended: all done (both None), stopped early on privacy grounds, or failed."""
+
+    stopped: str | None = None  # budgets ended the run: a clean end (exit 0)
+    failed: AllSitesFailed | RunDiverged | None = None  # no usable update, or divergence: exit 1
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,8 @@ class _RoundRecorder:
     ) -> None:
         self.cfg, self.run, self.task, self.test_data, self.classes = cfg, run, task, test_data, classes
         self.guard, self.averager, self.rounds_done, self.wall = guard, averager, rounds_done, wall
+        first = run.records()[:1] if rounds_done else []
+        self.first_loss: float | None = first[0]["server"]["loss"] if first else None  # round 1's test loss
 
     def evaluate(self, local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate, record and checkpoint the aggregate of ``local_round`` (0: the initial model, skipped)."""
@@ -172,6 +200,7 @@ class _RoundRecorder:
         rnd = self.rounds_done + local_round
         aggregate = arrays.to_torch_state_dict()
         report, unaveraged = self._evaluate(aggregate)
+        self._check_divergence(rnd, report, unaveraged)  # before anything is recorded: the last good model stays
         elapsed = self.wall.seconds()
         record = self._record(rnd, report, unaveraged, elapsed)
         self.run.record_round(record)
@@ -179,6 +208,34 @@ class _RoundRecorder:
         self.run.save_model(self.task.model.state_dict(), cfg=self.cfg, classes=self.classes, round=rnd, training_state=training_state)
         self._log_progress(record, report, unaveraged, elapsed)
         return MetricRecord(report.scalars())
+
+    def _check_divergence(self, rnd: int, report: ClassificationReport, unaveraged: ClassificationReport | None) -> None:
+        """Raise :class:`RunDiverged` when the round's test loss is non-finite or far above round 1's.
+
+        The reference is the larger of round 1's test loss and chance level (ln of the
+        number of classes, what an untrained head scores): a model trained well in round
+        1 must not make an ordinary wobble look like divergence. Round 1 itself is held to
+        chance level. Under EMA the round's own aggregate counts (the average lags behind).
+        """
+        factor = self.cfg.divergence_factor
+        loss = max(report.loss, unaveraged.loss) if unaveraged else report.loss
+        if factor <= 0:
+            return
+        chance = math.log(max(len(self.classes), 2))
+        reference = max(self.first_loss, chance) if self.first_loss is not None and rnd > 1 else chance
+        if math.isfinite(loss) and loss <= factor * reference:
+            if self.first_loss is None:
+                self.first_loss = loss
+            return
+        what = "round 1's" if self.first_loss is not None and rnd > 1 and self.first_loss >= chance else "chance level's"
+        raise RunDiverged(
+            f"round {rnd}: the global model diverged: test loss {loss:.4g}, past {factor:g} x {what} {reference:.4g} "
+            f"(divergence-factor). Likely cause: {divergence_cause(self.cfg, server=True, private=self.cfg.dp)}. "
+            + f"The model of round {rnd - 1} stays published"
+            + (" (the model the run started from)" if rnd == 1 else ""),
+            round=rnd,
+            loss=loss,
+        )
 
     def _evaluate(self, aggregate: dict[str, Any]) -> tuple[ClassificationReport, ClassificationReport | None]:
         """The test-set report of the model to keep, and (with EMA) of the round's own aggregate."""
@@ -247,20 +304,15 @@ def _run_rounds(
     *,
     rounds_done: int,
     classes: tuple[str, ...],
-) -> str | None:
-    """Train the rounds still to do; the reason the run stopped early, or None.
+) -> _Ending:
+    """Train the rounds still to do; how they ended (early on privacy grounds, or failed).
 
     Every message carries the federation's label set (:data:`CLASSES`): sites build their
     classifier from it and map their own class names onto it.
-
-    Raises
-    ------
-    AllSitesFailed
-        When a round produced no usable update.
     """
     remaining = cfg.num_rounds - rounds_done
     if remaining <= 0:
-        return None
+        return _Ending()
     sent = {ROUND_OFFSET: rounds_done, RUN_ID: run.run_id, CLASSES: list(classes)}  # in every message
     try:
         with _seeded_site_sampling(cfg.seed):
@@ -279,8 +331,11 @@ def _run_rounds(
     except (RunStopped, PrivacyBudgetExhausted) as exc:
         stopped = str(exc) if isinstance(exc, RunStopped) else f"central privacy budget: {exc}"
         _log.warning("run stopped early: %s", stopped)
-        return stopped
-    return None
+        return _Ending(stopped=stopped)
+    except (AllSitesFailed, RunDiverged) as exc:
+        _log.error("run failed: %s", exc)
+        return _Ending(failed=exc)
+    return _Ending()
 
 
 @contextlib.contextmanager
@@ -306,13 +361,16 @@ def _seeded_site_sampling(seed: int) -> Iterator[None]:
 
 
 def _finish(
-    cfg: FedConfig, run: RunDir, task: Task, strategy: Strategy, *, stopped: str | None, unrecorded: dict[str, str], wall: float
+    cfg: FedConfig, run: RunDir, task: Task, strategy: Strategy, *, ending: _Ending, unrecorded: dict[str, str], wall: float
 ) -> dict[str, Any]:
-    """Write the run summary (results, traffic, privacy) and mark the run finished.
+    """Write the run summary (results, traffic, privacy) and mark the run finished, or failed.
 
     ``unrecorded`` holds the site failures of a round that ended the run before it was
     recorded (every site refused, say); they count in ``site_failures`` like any other.
+    ``published_round`` is the round of the model in ``model.safetensors`` (0: the model the run
+    started from, published when the run failed before any round finished; or no model at all).
     """
+    stopped = ending.stopped
     records = run.records()
     summary = _summary(cfg, task, records, wall=wall)
     for site, reason in unrecorded.items():
@@ -322,11 +380,18 @@ def _finish(
             summary["num_sites"] = len(summary["sites"])
     summary["privacy"] = privacy_summary(cfg, records, central=central_summary(strategy, cfg))
     summary["private"] = summary["privacy"]["private"]
+    summary["published_round"] = run.completed_rounds()
     if stopped:
         summary["stopped_early"] = stopped
+    failed = ending.failed
+    if failed is not None:
+        summary["failed"] = str(failed)
+        if isinstance(failed, RunDiverged):
+            loss = failed.loss if math.isfinite(failed.loss) else str(failed.loss)
+            summary["diverged"] = {"round": failed.round, "test_loss": loss}
     if not summary["private"]:
         _log.warning("this run was NOT differentially private: %s", summary["privacy"]["reason"])
-    run.finish(summary, stopped_early=stopped)
+    run.finish(summary, stopped_early=stopped, failed=str(failed) if failed is not None else None)
     return summary
 
 
@@ -342,16 +407,56 @@ def _await_sites(grid: Grid, expected: int, *, wait_s: float) -> None:
 def _run_secagg(
     grid: Grid, cfg: FedConfig, guard: SiteGuard, initial: dict[str, Any], config: dict[str, Any], rounds: int, evaluate_fn: EvaluateFn
 ) -> None:
-    """FedAvg through SecAgg+ (legacy path, behind server.secagg); outcomes go to ``guard``."""
-    from .secagg import MAX_WEIGHT, run_secagg_rounds
+    """FedAvg through SecAgg+ (legacy path, behind server.secagg); outcomes go to ``guard``.
+
+    The server never sees one site's update here, so the guard's validator checks what it
+    can: each site's plaintext (count, DP accounting) and the masked vector's layout
+    before the sum (a refused site is left out as a dropout), and the unmasked aggregate
+    after it (layout, finiteness, the norm bound); a refused aggregate ends the run.
+    """
+    from .secagg import MAX_WEIGHT, QUANTIZATION_RANGE, run_secagg_rounds
 
     if guard.registry is not None:  # the SecAgg+ path reads site names off the replies
         grid = RegistryNamedGrid(grid, guard.registry)
+    validator = guard.validator
+    previous = [ArrayRecord(initial)]
 
-    def on_round(_rnd: int, metrics: dict[str, dict[str, float]], failures: dict[int, str]) -> None:
+    def check_reply(site: str, metrics: dict[str, float]) -> str | None:
+        try:
+            if validator is not None:
+                validator.check_plaintext(site, metrics)
+        except UpdateRefused as exc:
+            return str(exc)
+        return None
+
+    def on_round(_rnd: int, metrics: dict[str, dict[str, float]], failures: dict[int, str], names: dict[int, str]) -> None:
         guard.current = RoundReport()
         guard.current.train = metrics
         guard.current.failed = dict(failures)
+        if guard.registry is None:
+            guard.names.update({node: name for node, name in names.items() if name not in guard.names.values()})
+
+    def checked_evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if validator is not None:
+            sites = list(guard.current.train.values())
+            counts = [int(m[NUM_EXAMPLES]) for m in sites]
+            # Secure aggregation quantises each site's value to 2 x clip / levels: the sum may be off by that much per site.
+            per_value = len(sites) * 2 * cfg.secagg_clip_range / QUANTIZATION_RANGE * MAX_WEIGHT / max(sum(counts), 1)
+            validator.expect(previous[0])
+            try:
+                validator.check_aggregate(
+                    arrays,
+                    counts=counts,
+                    noises=[m.get("noise-multiplier") for m in sites],
+                    tolerance=per_value * validator.num_params**0.5,
+                )
+            except UpdateRefused as exc:
+                raise AllSitesFailed(
+                    f"round {rnd}: the secure aggregate was refused: {exc}. Under SecAgg+ the server cannot tell which "
+                    "site sent the bad update; the model of the previous round stays published"
+                ) from None
+        previous[0] = arrays
+        return evaluate_fn(rnd, arrays)
 
     try:
         run_secagg_rounds(
@@ -359,12 +464,14 @@ def _run_secagg(
             initial_arrays=ArrayRecord(initial),
             num_rounds=rounds,
             train_config=config,
-            evaluate_fn=evaluate_fn,
+            evaluate_fn=checked_evaluate,
             on_round=on_round,
+            check_reply=check_reply,
             num_shares=cfg.secagg_shares,
             reconstruction_threshold=cfg.secagg_threshold,
             clipping_range=cfg.secagg_clip_range,
             max_weight=MAX_WEIGHT,
+            quantization_range=QUANTIZATION_RANGE,
             min_sites=cfg.min_sites,
             timeout=cfg.round_timeout,
         )
@@ -421,7 +528,7 @@ def privacy_summary(cfg: FedConfig, records: list[dict[str, Any]], *, central: d
     non_private: set[str] = set()
     for r in records:
         for site, m in r.get("sites_train", {}).items():
-            if not m.get("dp"):
+            if not m.get("dp") or any(key not in m for key in PRIVACY_METRICS):
                 non_private.add(site)
                 continue
             sites[site] = {
@@ -516,8 +623,20 @@ def _claim(run: RunDir) -> Iterator[None]:
 
 
 def _open_run_dir(context: Context) -> tuple[RunDir, FedConfig]:
-    """The run folder of a deployed run: new, or resumed after a server restart."""
+    """The run folder of a deployed run: new, or resumed after a server restart.
+
+    Raises
+    ------
+    ConfigError
+        For a run that asks for simulated attacks (``attack``, ``attack-sites``): those
+        are for ``fedlens simulate`` only.
+    """
     run_cfg = FedConfig.from_run_config(context.run_config)
+    if run_cfg.attack != "none" or run_cfg.attack_sites:
+        raise ConfigError(
+            "`attack` and `attack-sites` are for simulations only (`fedlens simulate`): a deployed run never "
+            "asks its sites to attack; remove them from the run config"
+        )
     target = str(context.run_config.get(RUN_DIR_KEY, ""))
     if not target:
         path = Path(str(context.run_config.get("out-dir", "runs/flwr"))) / str(context.run_id)

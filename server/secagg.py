@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
@@ -40,9 +40,9 @@ from flwr.serverapp import Grid
 
 from fedlens.shared.protocol import NUM_EXAMPLES, PARAM_NAMES_KEY, SITE_RECORD
 
-from .sites import DelegatingGrid, wait_for_sites
+from .sites import DelegatingGrid, clean_site_name, wait_for_sites
 
-__all__ = ["run_secagg_rounds", "MAX_WEIGHT"]
+__all__ = ["run_secagg_rounds", "MAX_WEIGHT", "QUANTIZATION_RANGE"]
 
 _log = logging.getLogger("fedlens.server.secagg")
 
@@ -52,6 +52,8 @@ _log = logging.getLogger("fedlens.server.secagg")
 # *up* towards the clipping range; the weight total still fits the modulus for about
 # 10 million images (2**32 / quantization_range * max_weight, default quantization_range).
 MAX_WEIGHT = 10_000.0
+# Quantisation levels over [-clipping_range, clipping_range] (Flower's default, 2**22).
+QUANTIZATION_RANGE = 4_194_304
 # Flower's default mask modulus. Sums travel modulo this, so both the summed
 # quantised values (sites x quantization_range) and the summed quantised weights
 # must stay below it, or the aggregate wraps around without any error.
@@ -61,7 +63,10 @@ _CONNECT_WAIT_S = 60.0
 
 ConfigValue = int | float | str | bool
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-OnRound = Callable[[int, dict[str, dict[str, float]], dict[int, str]], None]
+# on_round(round, per-site metrics, failures by node id, site names by node id)
+OnRound = Callable[[int, dict[str, dict[str, float]], dict[int, str], dict[int, str]], None]
+# check_reply(site, plaintext metrics) -> None, or the reason the site's masked update is left out.
+CheckReply = Callable[[str, dict[str, float]], str | None]
 
 
 @dataclass
@@ -70,18 +75,24 @@ class _RoundLog:
 
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # node id -> the name its masked-vector reply carried
 
 
 class _ObservedGrid(DelegatingGrid):
     """Delegate to ``grid``; note each site's metrics and failures per SecAgg+ stage.
 
     The legacy workflow keeps replies to itself and its failures carry no node id,
-    so per-site outcomes are read off the messages as they pass.
+    so per-site outcomes are read off the messages as they pass. A masked-vector reply
+    whose layout or plaintext (``check_reply``) is refused never reaches the workflow:
+    SecAgg+ then treats the site as dropped out, removes its masks with the key shares
+    of its neighbours, and aggregates the others.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, *, shapes: list[tuple[int, ...]], check_reply: CheckReply | None = None) -> None:
         super().__init__(grid)
         self.round = _RoundLog()
+        self.shapes = [(1,), *shapes]  # SecAgg+ puts the quantised weight first
+        self.check_reply = check_reply
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -91,29 +102,54 @@ class _ObservedGrid(DelegatingGrid):
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 self.round.failures.setdefault(msg.metadata.dst_node_id, f"{stage}: no reply within {timeout} s")
+        kept = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 self.round.failures.setdefault(node, f"{stage}: {reply.error.reason}")
             elif stage == Stage.COLLECT_MASKED_VECTORS:
-                name, metrics = _site_metrics(reply)
+                name = _site_name(reply)
+                self.round.names[node] = name
+                problem, metrics = self._refusal(reply, name)
+                if problem:
+                    _log.warning("site %s: masked update refused: %s", name, problem)
+                    self.round.failures[node] = f"{stage}: update refused: {problem}"
+                    continue
                 self.round.metrics[name] = metrics
-        return replies
+            kept.append(reply)
+        return kept
+
+    def _refusal(self, reply: Message, name: str) -> tuple[str | None, dict[str, float]]:
+        """Why a masked-vector reply is left out (None: it is not), and its plaintext metrics."""
+        try:
+            metrics = _site_metrics(reply)
+            vectors = [bytes_to_ndarray(b) for b in reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]  # type: ignore[union-attr]
+        except Exception as exc:  # garbage where the protocol expects its records
+            return f"unreadable SecAgg+ reply ({type(exc).__name__}: {str(exc)[:120]})", {}
+        if [v.shape for v in vectors] != self.shapes or any(v.dtype.kind not in "iu" for v in vectors):
+            return "the masked vector does not have the model's layout", metrics
+        if self.check_reply is not None and (problem := self.check_reply(name, metrics)):
+            return problem, metrics
+        return None, metrics
 
 
 def _stage(msg: Message) -> str:
     return str(msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE])
 
 
-def _site_metrics(reply: Message) -> tuple[str, dict[str, float]]:
-    """Site name and numeric metrics of a masked-vector reply (plaintext records)."""
+def _site_name(reply: Message) -> str:
+    """The name a masked-vector reply carries (the registry's, behind a RegistryNamedGrid), or ``node-<id>``."""
+    site = reply.content.config_records.get(SITE_RECORD)
+    return clean_site_name(site.get("name") if site is not None else None) or f"node-{reply.metadata.src_node_id}"
+
+
+def _site_metrics(reply: Message) -> dict[str, float]:
+    """Numeric metrics of a masked-vector reply (plaintext records), with its number of examples."""
     content = reply.content
-    site = content.config_records.get(SITE_RECORD)
-    name = str(site["name"]) if site is not None and "name" in site else f"node-{reply.metadata.src_node_id}"
     raw = content.config_records.get("fitres.metrics", ConfigRecord())
     metrics = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics[NUM_EXAMPLES] = float(content.metric_records["fitres.num_examples"]["num_examples"])
-    return name, metrics
+    metrics[NUM_EXAMPLES] = float(content.metric_records["fitres.num_examples"]["num_examples"])  # type: ignore[arg-type]
+    return metrics
 
 
 def _register_sites(grid: Grid, manager: SimpleClientManager, min_sites: int, wait_s: float) -> int:
@@ -163,10 +199,11 @@ def run_secagg_rounds(
     num_shares: int = 3,
     reconstruction_threshold: int = 2,
     clipping_range: float = 8.0,
-    quantization_range: int = 4194304,
+    quantization_range: int = QUANTIZATION_RANGE,
     max_weight: float = MAX_WEIGHT,
     min_sites: int = 2,
     timeout: float | None = None,
+    check_reply: CheckReply | None = None,
 ) -> ArrayRecord:
     """Run ``num_rounds`` rounds of FedAvg, each aggregated with SecAgg+.
 
@@ -188,10 +225,11 @@ def run_secagg_rounds(
     evaluate_fn : callable
         ``evaluate_fn(round, arrays)`` after each round, with the aggregated arrays.
     on_round : callable, optional
-        ``on_round(round, per_site_metrics, failures)`` before ``evaluate_fn``:
+        ``on_round(round, per_site_metrics, failures, names)`` before ``evaluate_fn``:
         each aggregated site's numeric reply metrics (plus ``"num-examples"``) by
-        site name, and the reason by node id for every site that failed or did
-        not answer in some stage of the round.
+        site name, the reason by node id for every site that failed, was refused or
+        did not answer in some stage of the round, and the names by node id of the
+        sites that sent a masked vector.
     num_shares : int, default 3
         Shares each site's secrets are split into (its neighbourhood size, odd).
     reconstruction_threshold : int, default 2
@@ -211,6 +249,12 @@ def run_secagg_rounds(
         Seconds to wait for replies in each of the four SecAgg+ stages, and for
         ``min_sites`` sites to connect (60 s when None; replies are then awaited
         without limit).
+    check_reply : callable, optional
+        ``check_reply(site, metrics)`` on what each masked-vector reply carries in
+        the clear (its metrics and ``"num-examples"``): a returned reason leaves that
+        site's update out of the sum (SecAgg+ treats it as dropped out) and is
+        reported as its failure. Replies whose masked vector does not have the
+        model's layout are left out the same way.
 
     Returns
     -------
@@ -237,6 +281,7 @@ def run_secagg_rounds(
         max_weight=max_weight,
         min_sites=min_sites,
         timeout=timeout,
+        check_reply=check_reply,
     )
     arrays = initial_arrays
     for rnd in range(1, num_rounds + 1):
@@ -280,11 +325,12 @@ class _SecAggRounds:
         max_weight: float,
         min_sites: int,
         timeout: float | None,
+        check_reply: CheckReply | None = None,
     ) -> None:
         self.names = list(initial_arrays.keys())
         self.dtypes = [initial_arrays[n].numpy().dtype for n in self.names]
         self.current = [initial_arrays[n].numpy() for n in self.names]
-        self.observed = _ObservedGrid(grid)
+        self.observed = _ObservedGrid(grid, shapes=[a.shape for a in self.current], check_reply=check_reply)
         self.context = _legacy_context(grid, train_config, self.names, min_sites)
         self.workflow = SecAggPlusWorkflow(
             num_shares,
@@ -365,6 +411,6 @@ def _report_round(
     for node, reason in log.failures.items():
         _log.warning("round %d: node %d failed: %s", rnd, node, reason.strip().splitlines()[-1])
     if on_round is not None:  # before evaluate_fn, which may record the sites' metrics
-        on_round(rnd, dict(log.metrics), dict(log.failures))
+        on_round(rnd, dict(log.metrics), dict(log.failures), dict(log.names))
     metrics = evaluate_fn(rnd, arrays)
     _log.info("round %d/%d done: %d sites aggregated; server metrics %s", rnd, num_rounds, len(log.metrics), dict(metrics or {}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from flwr.serverapp import Grid
 
 from fedlens.shared.protocol import SITE_RECORD, SITE_REGISTRY_ENV
 
-__all__ = ["SiteRegistry", "RegistryNamedGrid", "ShortPollGrid", "wait_for_sites"]
+__all__ = ["SiteRegistry", "RegistryNamedGrid", "ShortPollGrid", "wait_for_sites", "clean_site_name"]
 
 _log = logging.getLogger("fedlens.server")
 
@@ -29,6 +30,13 @@ def wait_for_sites(grid: Grid, expected: int, *, wait_s: float) -> set[int]:
             last_log = now
         time.sleep(0.2)
     return nodes
+
+
+def clean_site_name(raw: object) -> str | None:
+    """A self-reported site name fit for logs and JSON keys (word characters and ``.@+-``, at most 64), or None."""
+    if not isinstance(raw, str) or not raw.strip():
+        return None
+    return re.sub(r"[^\w.@+-]", "_", raw.strip())[:64]
 
 
 class SiteRegistry:

@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx
 from fedlens.shared.config import FedConfig
 from fedlens.shared.protocol import NUM_EXAMPLES, UNIT_WEIGHT
 
-__all__ = ["build_strategy", "STRATEGIES"]
+__all__ = ["build_strategy", "weight_key", "STRATEGIES"]
 
 
 def _sampling(cfg: FedConfig) -> dict[str, object]:
@@ -22,9 +22,14 @@ def _sampling(cfg: FedConfig) -> dict[str, object]:
         "min_train_nodes": cfg.min_sites,
         "min_evaluate_nodes": min_eval,
         "min_available_nodes": cfg.min_sites,
-        # Central DP bounds each site's influence, so sites count equally.
-        "weighted_by_key": UNIT_WEIGHT if cfg.central_dp != "off" else NUM_EXAMPLES,
+        "weighted_by_key": weight_key(cfg),
     }
+
+
+def weight_key(cfg: FedConfig) -> str:
+    """The reply metric updates are weighted by: each site's training images, or under central DP
+    (which bounds each site's influence) a unit weight, so that sites count equally."""
+    return UNIT_WEIGHT if cfg.central_dp != "off" else NUM_EXAMPLES
 
 
 STRATEGIES: dict[str, Callable[[FedConfig], Strategy]] = {

@@ -33,9 +33,12 @@ __all__ = [
     "policy_parts",
     "augment_names",
     "AUGMENTS",
+    "ATTACKS",
     "DEFAULT_DELTA",
     "IGNORE_CLASS",
     "DEFAULT_MAX_IMAGE_PIXELS",
+    "NON_PRIVATE_SETTINGS",
+    "parse_attack_sites",
 ]
 
 DATASETS = ("fashion-mnist", "folder", "npz")
@@ -50,6 +53,8 @@ AUGMENTS = ("flip", "crop", "color")
 # What a class map says for a local class the federation does not train.
 IGNORE_CLASS = "ignore"
 _CLASS_SEPARATORS = re.compile(r"[\s_-]+")
+# Simulation-only attacks a chosen site makes (`fedlens.client.attack`); "none" = honest.
+ATTACKS = ("none", "sign-flip", "scale", "label-flip", "nan", "huge-count", "wrong-shape")
 _POLICY = re.compile(r"head|full|last-([1-9][0-9]*)")
 _HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 # 1e-5: well below 1/n for sites of a few thousand images (a delta >= 1/n would allow
@@ -66,8 +71,15 @@ RUN_DIR_KEY = "run-dir"
 APP_KEYS = ("out-dir", RUN_DIR_KEY)
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+# The defaults of these keys are tuned for DP-SGD (clipped, noised gradients: SGD with a
+# large lr, big Poisson batches, low-rank adapters to keep the noise small). Without DP
+# they diverge or train poorly, so a `dp = false` config that does not set them takes
+# these instead: the best non-private settings found (~90 %, docs/benchmarks.md).
+NON_PRIVATE_SETTINGS: dict[str, Any] = {"optimizer": "adam", "lr": 0.001, "batch-size": 64, "lora-rank": 0}
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, *, dp_only: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "dp_only": dp_only})
 
 
 @dataclass(frozen=True)
@@ -157,22 +169,28 @@ class FedConfig:
     weight_decay: float = _opt(0.0, "L2 weight decay of the site optimiser")
     # --- privacy: sample-level DP-SGD at every site ------------------------------
     dp: bool = _opt(True, "train with DP-SGD at every site (false = NOT private, said loudly)")
-    target_epsilon: float = _opt(8.0, "epsilon each site spends over the whole run (noise is calibrated once for all rounds)")
-    delta: float = _opt(DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee; keep it well below 1/(images per site)")
-    max_grad_norm: float = _opt(1.0, "per-example gradient clipping bound C of DP-SGD")
-    accountant: str = _opt("rdp", "privacy accountant", ACCOUNTANTS)
+    target_epsilon: float = _opt(8.0, "epsilon each site spends over the whole run (noise is calibrated once for all rounds)", dp_only=True)
+    delta: float = _opt(DEFAULT_DELTA, "delta of the (epsilon, delta) guarantee; keep it well below 1/(images per site)", dp_only=True)
+    max_grad_norm: float = _opt(1.0, "per-example gradient clipping bound C of DP-SGD", dp_only=True)
+    accountant: str = _opt("rdp", "privacy accountant", ACCOUNTANTS, dp_only=True)
     dp_mode: str = _opt(
-        "auto", "per-example gradient method: auto picks book-keeping when the trainable part allows it, else hooks", DP_MODES
+        "auto",
+        "per-example gradient method: auto picks book-keeping when the trainable part allows it, else hooks",
+        DP_MODES,
+        dp_only=True,
     )
     dp_reproducible: bool = _opt(
         False,
         "seed DP noise and sampling from the run config (repeatable experiments; whoever knows the config can rebuild the noise, so such runs are reported as NOT private)",
+        dp_only=True,
     )
     secure_rng: bool = _opt(
-        False, "cryptographically secure noise and sampling (Opacus secure_mode; needs torchcsprng); use for production runs"
+        False,
+        "cryptographically secure noise and sampling (Opacus secure_mode; needs torchcsprng); use for production runs",
+        dp_only=True,
     )
-    site_max_epsilon: float = _opt(0.0, "simulation: each simulated site's own epsilon budget (0 = target-epsilon)")
-    site_budgets: str = _opt("", 'simulation: per-site budgets overriding site-max-epsilon, e.g. "site-0=2,site-3=0.5"')
+    site_max_epsilon: float = _opt(0.0, "simulation: each simulated site's own epsilon budget (0 = target-epsilon)", dp_only=True)
+    site_budgets: str = _opt("", 'simulation: per-site budgets overriding site-max-epsilon, e.g. "site-0=2,site-3=0.5"', dp_only=True)
     # --- privacy: user-level (central) DP and secure aggregation -------------------
     central_dp: str = _opt(
         "off", "user-level DP via Flower's wrappers: server clips, or sites clip (server adds noise either way)", CENTRAL_DP
@@ -185,6 +203,32 @@ class FedConfig:
     secagg_shares: int = _opt(3, "SecAgg+: secret shares per site's key (>= 2)")
     secagg_threshold: int = _opt(2, "SecAgg+: shares needed to reconstruct a dropped site's mask (<= secagg-shares)")
     secagg_clip_range: float = _opt(8.0, "SecAgg+: update values are clipped to +/- this before quantisation")
+    # --- robustness: what the server accepts, and when training has diverged -------
+    max_update_norm: float = _opt(
+        0.0,
+        "refuse a site update farther than this (L2) from the global model it started from "
+        "(0 = derived from clipping, lr, momentum, steps and noise under DP; no norm rule without DP)",
+    )
+    # 1,000,000: FedAvg weights each update by the images its site claims, so one site
+    # claiming 10^9 would take the average over; no site of a fedlens federation comes
+    # near a million images (raise it for one that does).
+    max_site_examples: int = _opt(1_000_000, "refuse a site update that claims more training images than this")
+    # 10: an honest round's loss rarely doubles; a diverging one grows by orders of magnitude.
+    divergence_factor: float = _opt(
+        10.0,
+        "a site stops its round when its weights turn non-finite or (without DP) a batch loss passes this x its "
+        "first batch's; the run stops (exit 1) when the test loss passes this x round 1's (0 = off)",
+    )
+    # --- simulation-only attacks ---------------------------------------------------
+    attack: str = _opt(
+        "none",
+        "simulation only: what the sites in attack-sites do (sign-flip: send -delta; scale: send attack-scale x delta; "
+        "label-flip: train on labels shifted by one; nan: send NaN; huge-count: claim 10^9 images; wrong-shape: "
+        "send an array of the wrong shape)",
+        ATTACKS,
+    )
+    attack_sites: str = _opt("", 'simulation only: partition ids of the attacking sites, e.g. "0,3"; "1=nan" gives site 1 its own attack')
+    attack_scale: float = _opt(10.0, "simulation only: the factor of the scale attack (negative: a scaled sign flip)")
     # --- explainability -------------------------------------------------------
     # Small by default: the end-of-simulation report adds ~2 s per explained image on 2 CPU
     # cores; `fedlens explain` makes larger ones.
@@ -214,6 +258,9 @@ class FedConfig:
     def from_mapping(cls, values: Mapping[str, Any], *, base: FedConfig | None = None) -> FedConfig:
         """Build from kebab-case keys on top of ``base`` (default: the defaults).
 
+        On the defaults, ``dp = false`` also gives every key of :data:`NON_PRIVATE_SETTINGS`
+        that ``values`` does not set its non-private value (the defaults are tuned for DP-SGD).
+
         Raises
         ------
         ConfigError
@@ -232,6 +279,10 @@ class FedConfig:
             updates[name] = value
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}. Valid keys: {', '.join(config_keys())}")
+        if base is None and updates.get("dp") is False:
+            # Defaults tuned for DP-SGD diverge without it: what the user left unset takes the non-private value.
+            for key, value in NON_PRIVATE_SETTINGS.items():
+                updates.setdefault(key.replace("-", "_"), value)
         return dataclasses.replace(base or cls(), **updates)
 
     @classmethod
@@ -269,8 +320,13 @@ def config_help() -> str:
     """One line per key: name, default and meaning (for ``--help``)."""
     rows = []
     for f in dataclasses.fields(FedConfig):
+        key = f.name.replace("_", "-")
         extra = f" ({'|'.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
-        rows.append(f"  {f.name.replace('_', '-'):<20} = {_toml_value(f.default):<22} {f.metadata['help']}{extra}")
+        if f.metadata.get("dp_only"):
+            extra += " [DP only: ignored with dp = false]"
+        if key in NON_PRIVATE_SETTINGS:
+            extra += f" [tuned for DP; with dp = false and not set: {_toml_value(NON_PRIVATE_SETTINGS[key])}]"
+        rows.append(f"  {key:<20} = {_toml_value(f.default):<22} {f.metadata['help']}{extra}")
     return "\n".join(rows)
 
 
@@ -287,6 +343,9 @@ def _check_types(cfg: FedConfig) -> None:
         key, value, expected = f.name.replace("_", "-"), getattr(cfg, f.name), str(f.type)
         if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
             object.__setattr__(cfg, f.name, float(value))
+            continue
+        if f.name == "attack_sites" and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, str(value))  # one partition id: `--set attack-sites=3` reads as a TOML integer
             continue
         python_type = {"int": int, "float": float, "bool": bool, "str": str}[expected]
         if not isinstance(value, python_type) or (python_type is int and isinstance(value, bool)):
@@ -375,6 +434,19 @@ def _check_ranges(cfg: FedConfig) -> None:
         f"`ray-address` must be the HOST:PORT of a running Ray cluster's head, e.g. 10.0.0.5:6379 "
         f"(empty = a private local Ray), got {cfg.ray_address!r}",
     )
+    need(cfg.max_update_norm >= 0.0, f"`max-update-norm` must be >= 0 (0 = derived under DP), got {cfg.max_update_norm}")
+    need(cfg.max_site_examples >= 1, f"`max-site-examples` must be at least 1, got {cfg.max_site_examples}")
+    need(
+        cfg.divergence_factor == 0.0 or cfg.divergence_factor > 1.0,
+        f"`divergence-factor` must be > 1 (or 0 = off), got {cfg.divergence_factor}",
+    )
+    attacks = parse_attack_sites(cfg.attack_sites, attack=cfg.attack)
+    bad_ids = sorted(i for i in attacks if i >= cfg.num_sites)
+    need(
+        not bad_ids,
+        f"`attack-sites` names partition id(s) {bad_ids}, but the simulation has {cfg.num_sites} sites (ids 0..{cfg.num_sites - 1})",
+    )
+    need(cfg.attack == "none" or bool(attacks), f'`attack = {cfg.attack!r}` needs `attack-sites` (the attacking partition ids, e.g. "0,3")')
     need(cfg.dataset == "fashion-mnist" or bool(cfg.data_path), f"`dataset = {cfg.dataset!r}` needs `data-path`")
     policy_parts(cfg.policy)
     augment_names(cfg.augment)
@@ -493,6 +565,34 @@ def _join_classes(names: list[Any] | tuple[Any, ...]) -> str:
     return ", ".join(names)
 
 
+def parse_attack_sites(text: str, *, attack: str) -> dict[int, str]:
+    """``"0,3"`` with ``attack = "nan"`` -> ``{0: "nan", 3: "nan"}``; ``"1=scale"`` -> ``{1: "scale"}``.
+
+    Items are partition ids; ``ID=KIND`` gives that site an attack of its own.
+
+    Raises
+    ------
+    ConfigError
+        For an item that is not a partition id (or ``ID=KIND`` with a known kind), a site
+        named twice, or a plain id while ``attack = "none"``.
+    """
+    out: dict[int, str] = {}
+    kinds = [k for k in ATTACKS if k != "none"]
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        site, sep, kind = (p.strip() for p in item.partition("="))
+        kind = kind if sep else attack
+        if not site.isdigit() or (sep and kind not in kinds):
+            raise ConfigError(
+                f'`attack-sites` item {item!r} is not a partition id or ID=KIND (KIND one of {", ".join(kinds)}), e.g. "0,3" or "1=nan"'
+            )
+        if kind == "none":
+            raise ConfigError(f'`attack-sites` names site {site} but `attack = "none"`: set `attack`, or write {site}=KIND')
+        if int(site) in out:
+            raise ConfigError(f"`attack-sites` names site {site} twice")
+        out[int(site)] = kind
+    return out
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Parse ``KEY=VALUE`` strings; values use TOML syntax, bare words are strings.
 
@@ -510,6 +610,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
+            value = raw
+        if isinstance(value, float) and raw.isalpha():  # TOML reads the bare words nan and inf as floats
             value = raw
         out[key.strip()] = value
     return out

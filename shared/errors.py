@@ -8,6 +8,7 @@ __all__ = [
     "DataError",
     "WeightsError",
     "CheckpointError",
+    "TrainingDiverged",
 ]
 
 
@@ -29,3 +30,15 @@ class WeightsError(FedlensError):
 
 class CheckpointError(FedlensError):
     """A model checkpoint is unsafe, corrupt or belongs to another model."""
+
+
+class TrainingDiverged(FedlensError):
+    """Local training blew up (non-finite weights or an exploding loss) and was stopped.
+
+    ``steps`` optimiser steps ran before it stopped: under DP-SGD each of them used
+    noise and data, so the site's ledger records the round.
+    """
+
+    def __init__(self, message: str, *, steps: int) -> None:
+        super().__init__(message)
+        self.steps = steps

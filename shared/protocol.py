@@ -12,6 +12,7 @@ __all__ = [
     "PARAM_NAMES_KEY",
     "FLOWER_ENV",
     "SITE_REGISTRY_ENV",
+    "PRIVACY_METRICS",
 ]
 
 # Flower must neither phone home nor install packages at run time (runtime dependency
@@ -39,6 +40,9 @@ RUN_ID = "run-id"
 CLASSES = "classes"
 # MetricRecord key every site sets to 1: central DP weights sites equally by it.
 UNIT_WEIGHT = "unit-weight"
+# MetricRecord keys of a private round's accounting, next to "dp" = 1 (shared.privacy.site.privacy_metrics):
+# the server's run summary reads them, and a DP run's server refuses an update without them.
+PRIVACY_METRICS = ("epsilon", "delta", "noise-multiplier", "sample-rate", "dp-steps")
 # SecAgg+ train-config key carrying the parameter names, in order: the legacy
 # ``Parameters`` SecAgg+ travels in are a bare list of arrays.
 PARAM_NAMES_KEY = "secagg-param-names"

@@ -132,12 +132,15 @@ class RunDir:
         path = self.path / STATUS_FILE
         return self.read_json(STATUS_FILE) if path.is_file() else {"status": "unknown"}
 
-    def finish(self, summary: dict[str, Any], *, stopped_early: str | None = None) -> None:
-        """Write ``summary.json`` and the plots, and mark the run finished (maybe early, with the reason)."""
+    def finish(self, summary: dict[str, Any], *, stopped_early: str | None = None, failed: str | None = None) -> None:
+        """Write ``summary.json`` and the plots, and mark the run finished (maybe early, with the reason) or failed."""
         from .plots import plot_rounds
 
         records = self.records()
         if records:
             plot_rounds(records, self.path)
         self.write_json(SUMMARY_FILE, summary)
-        self.set_status("finished", **({"stopped_early": stopped_early} if stopped_early else {}))
+        if failed:
+            self.set_status("failed", reason=failed)
+        else:
+            self.set_status("finished", **({"stopped_early": stopped_early} if stopped_early else {}))

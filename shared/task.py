@@ -8,6 +8,7 @@ trainable part ever needs to travel.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .data import (
     parse_augment,
     stratified_split,
 )
+from .errors import ConfigError, TrainingDiverged
 from .metrics import ClassificationReport, classification_report
 from .models import (
     FedModel,
@@ -42,7 +44,16 @@ from .models import (
 )
 from .privacy.dpsgd import DPSGD, PlainStepper, Stepper
 
-__all__ = ["Task", "LocalData", "TrainStats", "resolve_device", "local_split", "local_split_indices", "site_seed"]
+__all__ = [
+    "Task",
+    "LocalData",
+    "TrainStats",
+    "resolve_device",
+    "local_split",
+    "local_split_indices",
+    "site_seed",
+    "divergence_cause",
+]
 
 _log = logging.getLogger(f"fedlens.{__name__}")
 
@@ -52,8 +63,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError("`device = cuda` but no CUDA device is visible; use `auto` or `cpu`")
     return torch.device(name)
 
@@ -94,6 +103,71 @@ def local_split(data: LocalData, labels: np.ndarray, fraction: float, *, seed: i
     """Split a site's data into ``(train, evaluation)``, stratified by label."""
     rest, held = local_split_indices(labels, fraction, seed=seed)
     return data.subset(torch.as_tensor(rest)), data.subset(torch.as_tensor(held))
+
+
+def divergence_cause(cfg: FedConfig, *, server: bool, private: bool, lr: float | None = None) -> str:
+    """The likely cause of divergence under ``cfg``, in words, for error messages.
+
+    Parameters
+    ----------
+    cfg : FedConfig
+        The run's configuration.
+    server : bool
+        The global model diverged (the server's step counts too), not one site's training.
+    private : bool
+        The training ran DP-SGD (its clipping bound is a likely cause too).
+    lr : float, optional
+        The site learning rate in use (default: the config's ``lr``).
+    """
+    rates = [f"`lr` = {cfg.lr if lr is None else lr:g} with {cfg.optimizer}"]
+    if server and cfg.strategy in ("fedavgm", "fedadam", "fedyogi"):
+        rates.append(f"`server-lr` = {cfg.server_learning_rate():g} with {cfg.strategy}")
+    text = f"a learning rate too high for these settings ({'; '.join(rates)})"
+    if private:
+        text += f", or a clipping bound (`max-grad-norm` = {cfg.max_grad_norm:g}) too large for it"
+    if not private and cfg.optimizer == "sgd" and cfg.lr >= 0.1:
+        text += "; the DP-tuned lr without DP-SGD's clipping does this: `--experiment non-private` has the settings for dp = false"
+    return text
+
+
+class _DivergenceWatch:
+    """Stops local training that has blown up (``divergence-factor``; 0 = never).
+
+    Without DP: when a batch's mean loss is non-finite or passes ``divergence-factor``
+    times the first batch's (or chance level, ln(classes), if higher: a well-trained
+    model's small first loss must not make an ordinary batch look like divergence).
+    Under DP-SGD the losses are exact statistics of private images, and stopping on
+    them would tell the server something DP does not cover; there the watch looks only
+    at the weights after each step (non-finite), which are DP-SGD's own outputs.
+    """
+
+    def __init__(self, cfg: FedConfig, *, lr: float, num_classes: int, private: bool) -> None:
+        self.factor, self.private, self.chance = cfg.divergence_factor, private, math.log(max(num_classes, 2))
+        self.first: float | None = None
+        self.cause = divergence_cause(cfg, server=False, private=private, lr=lr)
+
+    def loss(self, value: float, step: int) -> None:
+        if self.factor <= 0 or self.private:
+            return
+        if self.first is None:
+            self.first = value
+        limit = self.factor * max(self.first, self.chance)
+        if not math.isfinite(value) or value > limit:
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1}: batch loss {value:.4g}, past {self.factor:g} x the first batch's "
+                f"{self.first:.4g} (divergence-factor). Likely cause: {self.cause}",
+                steps=step,
+            )
+
+    def weights(self, params: list[nn.Parameter], step: int) -> None:
+        if self.factor <= 0:
+            return
+        with torch.no_grad():
+            finite = bool(torch.stack([p.isfinite().all() for p in params]).all())
+        if not finite:
+            raise TrainingDiverged(
+                f"training diverged: the weights turned non-finite at step {step}. Likely cause: {self.cause}", steps=step
+            )
 
 
 @dataclass(frozen=True)
@@ -259,11 +333,13 @@ class Task:
         started = time.perf_counter()
         total_loss, correct, seen, steps = 0.0, 0, 0, 0
         contiguous = getattr(stepper, "contiguous", False)
+        watch = _DivergenceWatch(cfg, lr=lr, num_classes=self.num_classes, private=dp is not None)
         try:
             for idx in batches:
                 if len(idx) == 0:  # an empty Poisson batch still takes a (noise-only) step
                     stepper.noise_only()
                     steps += 1
+                    watch.weights(params, steps)
                     continue
                 x = self._enter(data.inputs[idx], data.start, train=True, generator=generator)
                 if contiguous:
@@ -271,13 +347,16 @@ class Task:
                 y = data.labels[idx].to(self.device)
                 logits = self.head(x)
                 loss = nn.functional.cross_entropy(logits, y, reduction="none")
+                batch_loss = float(loss.detach().sum())
+                watch.loss(batch_loss / len(idx), steps)
                 stepper.step(loss)
                 if anchor is not None:
                     with torch.no_grad():
                         for p, p0 in zip(params, anchor):
                             p.sub_(lr * proximal_mu * (p - p0))
                 steps += 1
-                total_loss += float(loss.detach().sum())
+                watch.weights(params, steps)
+                total_loss += batch_loss
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(idx)
         finally:

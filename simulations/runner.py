@@ -96,7 +96,14 @@ def _check_privacy(cfg: FedConfig, labels: np.ndarray, sites: list[np.ndarray]) 
         _log.warning("!" * 78)
         _log.warning("dp = false: this run is NOT differentially private. Sites train without DP-SGD and")
         _log.warning("their updates can leak their images. Use it only for baselines on public data")
-        _log.warning("(`--experiment non-private` has settings tuned for training without DP).")
+        _log.warning(
+            "Training with optimizer %s, lr %g, batch-size %d, lora-rank %d (DP-tuned keys left unset take their",
+            cfg.optimizer,
+            cfg.lr,
+            cfg.batch_size,
+            cfg.lora_rank,
+        )
+        _log.warning("non-private values with dp = false; `fedlens config --keys` marks them).")
         _log.warning("!" * 78)
         return
     if cfg.secure_rng:

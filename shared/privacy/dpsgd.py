@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +32,16 @@ from torch import nn
 from ..errors import ConfigError, DataError
 from .fastclip import BookKeepingClipper, supports_fast_clipping
 
-__all__ = ["DPSGD", "Stepper", "PlainStepper", "resolve_dp_mode", "steps_per_epoch", "sample_rate_for", "secure_generator"]
+__all__ = [
+    "DPSGD",
+    "Stepper",
+    "PlainStepper",
+    "resolve_dp_mode",
+    "steps_per_epoch",
+    "sample_rate_for",
+    "secure_generator",
+    "update_norm_bound",
+]
 
 _log = logging.getLogger("fedlens.privacy.dpsgd")
 
@@ -64,6 +74,65 @@ def sample_rate_for(batch_size: int, num_examples: int) -> float:
 def steps_per_epoch(sample_rate: float) -> int:
     """Steps of one local epoch at ``sample_rate`` (Opacus' convention, ``int(1/q)``)."""
     return max(1, int(1.0 / sample_rate))
+
+
+# Tail of the high-probability bounds in update_norm_bound: each fails with probability at most
+# exp(-TAIL**2 / 2) = 1.3e-14 per site and round, so an honest update is refused essentially never.
+_TAIL = 8.0
+
+
+def update_norm_bound(
+    *,
+    lr: float,
+    momentum: float,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    batch_size: int,
+    num_examples: int,
+    epochs: int,
+    num_params: int,
+) -> float:
+    """How far (L2) one round of DP-SGD with SGD can move the trainable parameters.
+
+    A round runs ``T = epochs x int(n / B)`` steps (``n`` = ``num_examples``, ``B`` =
+    ``batch_size``, Poisson rate ``q = B / n``). Step ``t`` feeds the optimiser
+    ``g_t = (s_t + xi_t) / B`` with ``s_t`` the sum of the batch's clipped gradients
+    (``||s_t|| <= C |b_t|``) and ``xi_t ~ N(0, (sigma C)^2 I_d)``. SGD with momentum
+    ``beta`` moves the parameters by ``-lr sum_t w_t g_t`` with
+    ``w_t = (1 - beta^(T-t+1)) / (1 - beta)`` in ``[1, 1 / (1 - beta)]``, so
+
+    * the clipped part is at most ``lr / (1 - beta) x C / B x sum_t |b_t|``, and
+      ``sum_t |b_t| ~ Binomial(n T, q)`` (mean ``T B``) stays below
+      ``T B + 8 sqrt(T B) + 64`` but with probability 1.3e-14 (Chernoff);
+    * the noise part is exactly Gaussian, with per-coordinate std at most
+      ``lr sigma C / B x sqrt(T) / (1 - beta)``, and its norm stays below that std
+      times ``sqrt(d) + 8`` but with probability 1.3e-14 (Gaussian concentration).
+
+    The bound is their sum. FedProx's proximal step (``lr x mu <= 2``) only pulls the
+    parameters back, and decaying learning rates only shrink steps, so both stay within
+    it at the first round's ``lr``. Weight decay and Adam are not covered.
+
+    Parameters
+    ----------
+    lr, momentum : float
+        The site optimiser's learning rate (the largest of the run) and SGD momentum.
+    max_grad_norm, noise_multiplier : float
+        Clipping bound ``C`` and noise multiplier ``sigma`` of the round.
+    batch_size, num_examples, epochs : int
+        Expected Poisson batch ``B``, the site's training images ``n``, local epochs.
+    num_params : int
+        Trainable numbers ``d``.
+
+    Returns
+    -------
+    float
+        The bound on the L2 norm of (trained - global) for an honest site.
+    """
+    steps = epochs * steps_per_epoch(batch_size / num_examples)
+    mean = steps * batch_size
+    sampled = mean + _TAIL * math.sqrt(mean) + _TAIL**2
+    scale = lr / (1.0 - momentum) * max_grad_norm / batch_size
+    return scale * (sampled + noise_multiplier * math.sqrt(steps) * (math.sqrt(num_params) + _TAIL))
 
 
 def resolve_dp_mode(module: nn.Module, mode: str) -> str:

@@ -11,7 +11,9 @@ together overspend):
 3. training, handed the plan's :class:`~.dpsgd.DPSGD` mechanism;
 4. the ledger entry, with the epsilons the plan computed (the run's, and the
    site's with every run composed), written only once training has returned: a
-   round that fails spends nothing on record;
+   round that fails spends nothing on record, except one stopped because its
+   weights diverged (the site tells the server so, which is a release of the
+   steps that ran: recorded as planned, an upper bound);
 5. the audit log (:class:`~.audit.SiteAudit`): what happened to the round and the
    digest of the update that leaves (a re-sent or refused round is recorded too);
 6. the outbox, so that a reply the server loses can be re-sent.
@@ -28,9 +30,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import FedlensError
+from ..errors import FedlensError, TrainingDiverged
 from .audit import SiteAudit, update_fingerprint
-from .budget import DPRequest, SiteBudget, SiteRefusal, plan_round, site_guarantee
+from .budget import DPRequest, RoundPlan, SiteBudget, SiteRefusal, plan_round, site_guarantee
 from .dpsgd import DPSGD
 from .ledger import LedgerEntry, PrivacyLedger
 from .outbox import UpdateOutbox, state_digest
@@ -130,8 +132,11 @@ class SitePrivacy:
             When the request breaks a site limit, or (:class:`~.budget.BudgetExceeded`)
             the round does not fit in the site's budget; nothing was trained or recorded
             in the ledger, and the audit log says why.
+        TrainingDiverged
+            When training stopped because the weights diverged: the round is recorded
+            in the ledger as planned (its steps ran), nothing is sent or kept.
         Exception
-            Whatever ``train`` raises; the ledger and the outbox are then left unchanged.
+            Whatever else ``train`` raises; the ledger and the outbox are then left unchanged.
         """
         run_id = request.run_id
         with self.ledger.lock():
@@ -162,6 +167,9 @@ class SitePrivacy:
                 raise
             try:
                 state, trained, metrics = train(plan.dp)
+            except TrainingDiverged as exc:
+                self._record_diverged(plan, run_id, round, exc)
+                raise
             except Exception as exc:
                 _log.warning("%s: round %d of run %s failed during training; nothing recorded", self.site, round, run_id)
                 self._record_unsent(run_id, round, "failed", f"training failed: {type(exc).__name__}: {exc}")
@@ -198,6 +206,25 @@ class SitePrivacy:
             )
             self.outbox.put(run_id=run_id, round=round, digest=digest, state=state, num_examples=trained, metrics=metrics)
             return state, trained, metrics
+
+    def _record_diverged(self, plan: RoundPlan, run_id: str, round: int, exc: TrainingDiverged) -> None:
+        """A round stopped because training diverged: its steps ran, so it is recorded as spent.
+
+        The site stopped on its weights (DP-SGD's own outputs) and tells the server so: that
+        decision is post-processing of the steps that ran, and the accountant must count
+        them. The round is recorded as planned, an upper bound on what its first
+        ``exc.steps`` steps spent; nothing is sent and nothing goes to the outbox.
+        """
+        note = "nothing spent"
+        if exc.steps > 0:
+            try:
+                plan.record(self.ledger, run_id=run_id, round=round)
+                note = f"recorded in the ledger as planned ({plan.steps} steps, an upper bound on what {exc.steps} spent)"
+            except Exception as record_exc:
+                note = f"recording the spent steps FAILED: {type(record_exc).__name__}: {record_exc}"
+                _log.error("%s: round %d of run %s: %s", self.site, round, run_id, note)
+        _log.warning("%s: round %d of run %s diverged after %d DP-SGD steps; %s", self.site, round, run_id, exc.steps, note)
+        self._record_unsent(run_id, round, "failed", f"training diverged after {exc.steps} DP-SGD steps ({note}): {exc}")
 
     def _site_epsilon(self) -> float | None:
         """The site's epsilon so far, all runs composed at its delta (None if the ledger cannot be read)."""

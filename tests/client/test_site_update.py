@@ -75,7 +75,7 @@ def test_a_deployed_site_needs_its_own_budget_and_state_dir(deployed):
 
 def test_a_deployed_site_refuses_non_private_runs_unless_it_allows_them(deployed, tmp_path):
     cfg, node = deployed
-    public = FedConfig.from_mapping({"dp": False}, base=cfg)
+    public = FedConfig.from_mapping({"dp": False, "lr": 0.001}, base=cfg)  # the DP-tuned lr 0.5 diverges without DP
     with pytest.raises(SiteRefusal, match="without differential privacy"):
         _round(public, node)
     _site, (_update, _n, metrics) = _round(public, {**node, "allow-non-private": "true"})
@@ -108,7 +108,7 @@ def test_every_round_the_site_trains_or_refuses_is_in_its_audit_log(deployed, tm
     start = load_site(cfg, node, classes=CLASSES).task.trainable_state()
     _site, (update, _n, metrics) = _round(cfg, node, state=start)
     _round(cfg, node, state=start)  # re-asked
-    public = FedConfig.from_mapping({"dp": False}, base=cfg)
+    public = FedConfig.from_mapping({"dp": False, "lr": 0.001}, base=cfg)  # the DP-tuned lr 0.5 diverges without DP
     with pytest.raises(SiteRefusal):
         _round(public, node, rnd=2)
     _site, (plain, _n, _m) = _round(public, {**node, "allow-non-private": "true"}, rnd=3)
@@ -161,3 +161,16 @@ def test_a_deployed_site_sets_its_own_pixel_limit(deployed):
     with pytest.raises(DataError, match="0 readable images.*decompression bomb"):
         load_site(cfg, {**node, "max-image-pixels": 24 * 24 - 1}, classes=CLASSES)
     assert len(load_site(cfg, {**node, "max-image-pixels": 24 * 24}, classes=CLASSES).train) == 36
+
+
+def test_a_round_whose_training_diverges_fails_with_the_cause_and_is_audited(deployed, tmp_path):
+    from fedlens.shared.errors import TrainingDiverged
+    from fedlens.shared.privacy import SiteAudit
+
+    cfg, node = deployed
+    exploding = FedConfig.from_mapping({"dp": False}, base=cfg)  # lr 0.5 with SGD, tuned for clipped gradients
+    with pytest.raises(TrainingDiverged, match="`lr` = 0.5 with sgd") as err:
+        _round(exploding, {**node, "allow-non-private": "true"})
+    assert "--experiment non-private" in str(err.value)
+    (failed,) = SiteAudit(tmp_path / "state").entries()
+    assert failed["outcome"] == "failed" and "TrainingDiverged" in failed["reason"] and failed["sha256"] is None

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlens.server.app import _await_sites, _resume, _RoundRecorder, _seeded_site_sampling, _WallClock
-from fedlens.server.guard import RoundReport, SiteGuard
+from fedlens.server.guard import RoundReport, RunDiverged, SiteGuard
 from fedlens.shared.averaging import ModelAverage
 from fedlens.shared.checkpoint import load_checkpoint
 from fedlens.shared.config import FedConfig
@@ -156,3 +156,44 @@ def test_the_callers_random_state_is_given_back():
     random.seed(123)
     _flower_samples(3)
     assert [random.random() for _ in range(3)] == expected
+
+
+def test_a_diverged_round_is_neither_recorded_nor_published(tmp_path):
+    recorder, run = _recorder(tmp_path, sites={})
+    recorder.evaluate(1, _weights(0.4))  # loss 0.6
+    with pytest.raises(RunDiverged, match=r"round 2: the global model diverged: test loss 31, past 10 x chance level's 1.099") as err:
+        recorder.evaluate(2, _weights(-30.0))  # loss 31
+    assert err.value.round == 2 and "The model of round 1 stays published" in str(err.value)
+    assert "learning rate" in str(err.value) and "max-grad-norm" in str(err.value)
+    assert [r["round"] for r in run.records()] == [1] and load_checkpoint(run.path).meta["round"] == 1
+
+
+def test_a_later_round_is_held_to_round_ones_loss_and_non_finite_loss_always_stops(tmp_path):
+    recorder, run = _recorder(tmp_path, sites={})
+    recorder.evaluate(1, _weights(-1.0))  # loss 2.0, above chance (ln 3): the reference from now on
+    recorder.evaluate(2, _weights(-15.0))  # loss 16: within 10 x 2.0
+    with pytest.raises(RunDiverged, match="past 10 x round 1's 2"):
+        recorder.evaluate(3, _weights(-25.0))
+    with pytest.raises(RunDiverged, match="test loss nan"):
+        recorder.evaluate(3, _weights(float("nan")))
+    assert load_checkpoint(run.path).meta["round"] == 2
+
+
+def test_a_first_round_that_diverges_records_nothing(tmp_path):
+    recorder, run = _recorder(tmp_path, sites={})
+    with pytest.raises(RunDiverged, match=r"The model of round 0 stays published \(the model the run started from\)"):
+        recorder.evaluate(1, _weights(-30.0))
+    assert run.records() == [] and not (run.path / "model.safetensors").exists()  # serve() publishes the starting model
+
+
+def test_the_deployed_server_app_refuses_a_run_with_simulated_attackers(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedlens.server.app import _open_run_dir
+    from fedlens.shared.errors import ConfigError
+
+    run_config = {**FedConfig.from_mapping({"attack": "sign-flip", "attack-sites": "0"}).to_dict(), "run-dir": str(tmp_path / "run")}
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(ConfigError, match="for simulations only"):
+        _open_run_dir(context)
+    assert not (tmp_path / "run").exists()

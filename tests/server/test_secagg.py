@@ -27,6 +27,7 @@ from fedlens.shared.protocol import PARAM_NAMES_KEY, SITE_RECORD
 NUM_SITES = 3
 NUM_ROUNDS = 3
 FAILING = (3, 2)  # (round, partition) where the site's update is out of SecAgg+'s range
+REFUSED = (2, 0)  # (round, partition) whose plaintext the server refuses: its masked update is left out
 CLIP = 8.0
 LEVELS = 4194304  # quantization_range
 MAX_WEIGHT = 1000.0  # not the server's cap: with 100-300 examples, weights 0.1-0.3 make round 3's 100.0 clip
@@ -140,7 +141,10 @@ def build_apps(log: Recorded) -> tuple[ServerApp, ClientApp]:
             num_rounds=NUM_ROUNDS,
             train_config={"round-offset": OFFSET, "lr": 0.1},
             evaluate_fn=evaluate_fn,
-            on_round=lambda rnd, metrics, failures: log.rounds.append((rnd, metrics, failures)),
+            on_round=lambda rnd, metrics, failures, _names: log.rounds.append((rnd, metrics, failures)),
+            check_reply=lambda site, metrics: (
+                "claims too much" if (site, metrics["server-round"]) == (f"site-{REFUSED[1]}", REFUSED[0]) else None
+            ),
             clipping_range=CLIP,
             quantization_range=LEVELS,
             max_weight=MAX_WEIGHT,
@@ -198,7 +202,7 @@ def test_the_server_never_receives_a_site_update(recorded):
 def test_the_aggregate_is_weighted_fedavg_within_quantisation_error(recorded):
     previous = {n: v.double() for n, v in INITIAL.items()}
     for rnd in range(1, NUM_ROUNDS + 1):
-        pids = [p for p in range(NUM_SITES) if (rnd, p) != FAILING]
+        pids = [p for p in range(NUM_SITES) if (rnd, p) not in (FAILING, REFUSED)]
         expected = fedavg(previous, pids, rnd)
         got = aggregate(recorded, rnd)
         assert list(got) == list(INITIAL) and all(v.dtype == torch.float32 for v in got.values())
@@ -216,7 +220,7 @@ def test_each_round_continues_from_the_aggregate_and_reports_every_site(recorded
     assert [rnd for rnd, _ in recorded.evaluated] == list(range(1, NUM_ROUNDS + 1))
     assert [rnd for rnd, _, _ in recorded.rounds] == list(range(1, NUM_ROUNDS + 1))
     for rnd, metrics, failures in recorded.rounds:
-        pids = [p for p in range(NUM_SITES) if (rnd, p) != FAILING]
+        pids = [p for p in range(NUM_SITES) if (rnd, p) not in (FAILING, REFUSED)]
         assert sorted(metrics) == [f"site-{p}" for p in pids]
         previous = INITIAL if rnd == 1 else aggregate(recorded, rnd - 1)
         for p in pids:
@@ -227,6 +231,9 @@ def test_each_round_continues_from_the_aggregate_and_reports_every_site(recorded
         if rnd == FAILING[0]:
             ((node, reason),) = failures.items()
             assert reason.startswith(Stage.COLLECT_MASKED_VECTORS) and "would clip" in reason
+        elif rnd == REFUSED[0]:  # left out by the server as a dropout: the others' aggregate went through
+            ((node, reason),) = failures.items()
+            assert reason == f"{Stage.COLLECT_MASKED_VECTORS}: update refused: claims too much"
         else:
             assert failures == {}
 

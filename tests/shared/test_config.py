@@ -2,7 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from fedlens.shared.config import FedConfig, config_keys, load_config, parse_overrides
+from fedlens.shared.config import (
+    NON_PRIVATE_SETTINGS,
+    FedConfig,
+    config_help,
+    config_keys,
+    load_config,
+    parse_attack_sites,
+    parse_overrides,
+)
 from fedlens.shared.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +60,14 @@ def test_snake_case_keys_are_not_accepted():
         ("server-lr", -0.1, "server-lr"),
         ("ema-decay", 1.0, "ema-decay"),
         ("ema-decay", -0.5, "ema-decay"),
+        ("max-update-norm", -1.0, "max-update-norm"),
+        ("max-site-examples", 0, "max-site-examples"),
+        ("divergence-factor", 1.0, "divergence-factor"),
+        ("attack", "flood", "attack"),
+        ("attack", "nan", "needs `attack-sites`"),
+        ("attack-sites", "1", "attack-sites"),
+        ("attack-sites", "1=flood", "attack-sites"),
+        ("attack-sites", "10=nan", "partition id"),
     ],
 )
 def test_out_of_range_values_are_rejected(key, value, fragment):
@@ -120,3 +136,35 @@ def test_config_keys_are_kebab_case():
 def test_a_ray_cluster_address_is_host_and_port():
     for address in ("127.0.0.1:6379", "head.cluster.local:6379", "[::1]:6379", ""):
         assert FedConfig.from_mapping({"ray-address": address}).ray_address == address
+
+
+def test_dp_false_alone_takes_the_non_private_settings():
+    cfg = load_config(None, parse_overrides(["dp=false"]))
+    assert {k: cfg.to_dict()[k] for k in NON_PRIVATE_SETTINGS} == NON_PRIVATE_SETTINGS
+    private = FedConfig()
+    assert any(private.to_dict()[k] != v for k, v in NON_PRIVATE_SETTINGS.items())  # the defaults are the DP-tuned ones
+
+
+def test_settings_the_user_gives_win_over_the_non_private_ones(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("dp = false\nlr = 0.01\n")
+    cfg = load_config(path, {"batch-size": 32})
+    assert (cfg.lr, cfg.batch_size, cfg.optimizer) == (0.01, 32, NON_PRIVATE_SETTINGS["optimizer"])
+    # On a resolved config (base=), nothing is swapped behind the caller's back.
+    assert FedConfig.from_mapping({"dp": False}, base=FedConfig()).lr == FedConfig().lr
+
+
+def test_config_keys_say_which_settings_only_make_sense_with_dp():
+    lines = {line.split()[0]: line for line in config_help().splitlines()}
+    assert "DP only" in lines["target-epsilon"] and "DP only" in lines["max-grad-norm"]
+    assert "with dp = false and not set: 0.001" in lines["lr"]
+    assert "DP" not in lines["num-sites"]
+
+
+def test_attack_sites_name_partition_ids_with_an_optional_kind_each():
+    assert parse_attack_sites("0, 3", attack="sign-flip") == {0: "sign-flip", 3: "sign-flip"}
+    assert parse_attack_sites("1=nan,2=huge-count,3", attack="scale") == {1: "nan", 2: "huge-count", 3: "scale"}
+    assert parse_attack_sites("", attack="scale") == {}
+    assert FedConfig.from_mapping(parse_overrides(["attack=nan", "attack-sites=3"])).attack_sites == "3"  # bare nan: a word, not a float
+    with pytest.raises(ConfigError, match="twice"):
+        parse_attack_sites("1,1=nan", attack="scale")

@@ -7,6 +7,7 @@ import fcntl
 import pytest
 import torch
 
+from fedlens.shared.errors import TrainingDiverged
 from fedlens.shared.privacy import DPSGD, BudgetExceeded, PrivacyLedger, SiteBudget, SitePrivacy, epsilon_of, plan_round
 from fedlens.shared.privacy import budget as budget_module
 
@@ -68,6 +69,35 @@ def test_a_round_whose_training_fails_records_nothing(tmp_path):
     assert _snapshot(privacy) == before  # neither the ledger nor the outbox moved
     privacy.run_round(request=dp_request(), round=2, global_state={"w": torch.ones(3)}, num_examples=N, train=_Training())
     assert [e.round for e in privacy.ledger.entries()] == [1, 2]  # the lock was released; the retry is one spend
+
+
+def _diverges_after(steps: int):
+    def train(dp: DPSGD) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
+        raise TrainingDiverged("training diverged: the weights turned non-finite", steps=steps)
+
+    return train
+
+
+def test_a_round_that_diverged_after_private_steps_is_recorded_as_spent_and_sends_nothing(tmp_path):
+    privacy = _site(tmp_path)
+    planned = plan_round(privacy.ledger, privacy.budget, dp_request(), num_examples=N, site="clinic-a")
+
+    with pytest.raises(TrainingDiverged):
+        privacy.run_round(request=dp_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=_diverges_after(7))
+
+    (entry,) = privacy.ledger.entries()  # the 7 noisy steps ran and the site said so: that is spent
+    assert entry.round == 1 and entry.steps == planned.steps and entry.epsilon == planned.epsilon_after  # as planned: an upper bound
+    assert not privacy.outbox.path.is_file()  # nothing was sent, nothing kept to re-send
+    (record,) = privacy.audit.entries()
+    assert record["outcome"] == "failed" and "diverged after 7 DP-SGD steps" in record["reason"]
+    assert record["epsilon_after"] == pytest.approx(entry.site_epsilon)
+
+
+def test_a_round_that_diverged_before_any_step_spends_nothing(tmp_path):
+    privacy = _site(tmp_path)
+    with pytest.raises(TrainingDiverged):
+        privacy.run_round(request=dp_request(), round=1, global_state={"w": torch.zeros(3)}, num_examples=N, train=_diverges_after(0))
+    assert privacy.ledger.entries() == []
 
 
 def test_a_re_asked_round_is_re_sent_without_a_new_ledger_entry(tmp_path):

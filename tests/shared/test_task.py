@@ -1,10 +1,13 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedlens.shared.config import FedConfig
 from fedlens.shared.data import load_image_folder
+from fedlens.shared.errors import TrainingDiverged
 from fedlens.shared.models import get_backbone
+from fedlens.shared.privacy import DPSGD
 from fedlens.shared.task import Task
 
 
@@ -95,3 +98,29 @@ def test_a_changed_preprocessing_never_reuses_cached_features(image_folder, cach
     feats = larger.prepare(images, for_training=False)
     assert not torch.equal(feats.inputs, small.prepare(images, for_training=False).inputs)  # shapes or values differ
     assert len(list((Path(cache_dir) / "features").glob("*.pt"))) == 2
+
+
+def test_an_exploding_loss_stops_non_private_training_with_the_likely_cause(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    task = _task(cache_dir, lr=1e4, dp=False, optimizer="sgd")
+    with pytest.raises(TrainingDiverged, match=r"batch loss .* past 10 x the first batch's") as err:
+        task.train(task.prepare(images, for_training=True), epochs=5, seed=0)
+    assert "`lr` = 10000 with sgd" in str(err.value) and 0 < err.value.steps < 25
+
+
+def test_under_dp_only_the_weights_can_stop_training(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    # Noise of std 1e38 per coordinate: the first step takes the weights past float32's range.
+    dp = DPSGD(noise_multiplier=1e37, max_grad_norm=10.0, sample_rate=8 / 36, expected_batch_size=8, secure_rng=False)
+    task = _task(cache_dir, lr=100.0)
+    with pytest.raises(TrainingDiverged, match="weights turned non-finite at step 1") as err:
+        task.train(task.prepare(images, for_training=True), epochs=2, seed=0, dp=dp, dp_seed=1)
+    assert err.value.steps == 1 and "loss" not in str(err.value)  # the private losses never leave
+    assert "max-grad-norm" in str(err.value)
+
+
+def test_divergence_factor_zero_lets_training_run_on(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    task = _task(cache_dir, lr=1e4, dp=False, optimizer="sgd", **{"divergence-factor": 0.0})
+    stats = task.train(task.prepare(images, for_training=True), epochs=1, seed=0)
+    assert stats.steps == 5

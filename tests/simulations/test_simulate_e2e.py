@@ -110,7 +110,8 @@ def test_the_published_model_is_the_average_of_the_rounds(tmp_path, cache_dir):
 
 
 def test_centralized_baseline(tmp_path, cache_dir):
-    summary = centralized(_cfg(cache_dir, **{"num-rounds": 2}), tmp_path / "central")
+    # Centralized training never runs DP-SGD: with the DP-tuned lr it diverges (and stops), so use the non-private settings.
+    summary = centralized(_cfg(cache_dir, **{"num-rounds": 2, "dp": False}), tmp_path / "central")
     assert summary["mode"] == "centralized" and summary["rounds"] == 2
     assert len((tmp_path / "central" / "metrics.jsonl").read_text().splitlines()) == 2
 
