@@ -217,7 +217,8 @@ class FedConfig:
     divergence_factor: float = _opt(
         10.0,
         "a site stops its round when its weights turn non-finite or (without DP) a batch loss passes this x its "
-        "first batch's; the run stops (exit 1) when the test loss passes this x round 1's (0 = off)",
+        "first batch's; the run stops (exit 1) when the test loss passes this x round 1's (either at least chance "
+        "level, ln(classes)) (0 = off)",
     )
     # --- simulation-only attacks ---------------------------------------------------
     attack: str = _opt(
