@@ -22,8 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _deploy import start_server, start_site
+
 from fedlens.ops.certs import add_site, init_ca
-from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
+from fedlens.ops.procs import Procs, flower_env
 from fedlens.shared.config import FedConfig
 from fedlens.shared.data.samples import SAMPLE_CLASSES, write_sample_folders
 
@@ -56,61 +58,10 @@ def _deploy(root: Path, env: dict[str, str], certs: Path, data: dict[str, Path],
     """Server + sites + `fedlens run`; returns per-round times and the run's wall time."""
     procs = Procs(root / "logs", env)
     try:
-        port, internal = free_port(), free_port()
         state = root / "server"
-        procs.start(
-            "server",
-            "server",
-            "start",
-            "--certs",
-            str(certs),
-            "--state-dir",
-            str(state),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--internal-port",
-            str(internal),
-        )
-        wait_for(lambda: listening(port), 60, "server")
+        _server, port = start_server(procs, certs, state)
         for site in SITES:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "fedlens.ops.cli",
-                    "server",
-                    "add-site",
-                    site,
-                    str(certs / "sites" / f"{site}.pub"),
-                    "--state-dir",
-                    str(state),
-                ],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
-            procs.start(
-                site,
-                "client",
-                "start",
-                "--server",
-                f"127.0.0.1:{port}",
-                "--ca",
-                str(certs / "ca.pem"),
-                "--key",
-                str(certs / "sites" / f"{site}.key"),
-                "--data",
-                str(data[site]),
-                "--state-dir",
-                str(root / "state" / site),
-                "--max-epsilon",
-                "1000",
-                "--allow-evaluation",
-                "--port",
-                str(free_port()),
-            )
+            start_site(procs, env, name=site, certs=certs, state=state, port=port, data=data[site], site_state=root / "state" / site)
         time.sleep(10)
         cfg_file = root / "deploy.toml"
         cfg_file.write_text(FedConfig.from_mapping({**base, "data-path": str(data["server"]), "test-fraction": 0.5}).to_toml())

@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 from _common import PeakRss, tree_rss
+from _deploy import start_server, start_site
 
 from fedlens.ops.certs import add_site, init_ca
-from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
+from fedlens.ops.procs import Procs, flower_env, wait_for
 from fedlens.shared.config import FedConfig
 from fedlens.shared.data.samples import write_sample_folders
 
@@ -52,47 +53,11 @@ def main() -> None:
     procs = Procs(root / "logs", env)
     rows: list[dict[str, float]] = []
     try:
-        port, internal = free_port(), free_port()
-        server = procs.start(
-            "server",
-            "server",
-            "start",
-            "--certs",
-            str(certs),
-            "--state-dir",
-            str(state),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--internal-port",
-            str(internal),
-        )
-        wait_for(lambda: listening(port), 120, "server")
+        server, port = start_server(procs, certs, state)
         started = time.monotonic()
         for name in names:
             add_site(certs, name)
-            _cli(env, "server", "add-site", name, str(certs / "sites" / f"{name}.pub"), "--state-dir", str(state))
-            procs.start(
-                name,
-                "client",
-                "start",
-                "--server",
-                f"127.0.0.1:{port}",
-                "--ca",
-                str(certs / "ca.pem"),
-                "--key",
-                str(certs / "sites" / f"{name}.key"),
-                "--data",
-                str(data[name]),
-                "--state-dir",
-                str(root / "state" / name),
-                "--max-epsilon",
-                "1000",
-                "--allow-evaluation",
-                "--port",
-                str(free_port()),
-            )
+            start_site(procs, env, name=name, certs=certs, state=state, port=port, data=data[name], site_state=root / "state" / name)
 
         def connected() -> int:
             return sum(
