@@ -33,7 +33,7 @@ def _content(arrays: dict[str, object] | None = None, count: object = 100, **met
     return RecordDict({"arrays": record, "metrics": MetricRecord(values)})
 
 
-def _refused(validator: UpdateValidator, content: RecordDict, fragment: str, site: str = "site-x") -> None:
+def assert_refused(validator: UpdateValidator, content: RecordDict, fragment: str, site: str = "site-x") -> None:
     with pytest.raises(UpdateRefused, match=fragment):
         validator.train_reply(site, content)
 
@@ -47,13 +47,13 @@ def test_an_honest_reply_passes_and_is_reweighted_by_its_validated_count():
 def test_one_array_record_and_one_metric_record():
     content = _content()
     content["more"] = ArrayRecord({"w": torch.zeros(4, 3)})
-    _refused(_validator(), content, "exactly one ArrayRecord")
-    _refused(_validator(), RecordDict({"arrays": _content().array_records["arrays"]}), "exactly one MetricRecord")
+    assert_refused(_validator(), content, "exactly one ArrayRecord")
+    assert_refused(_validator(), RecordDict({"arrays": _content().array_records["arrays"]}), "exactly one MetricRecord")
 
 
 def test_the_arrays_are_exactly_the_models_names():
-    _refused(_validator(), _content({"w": torch.zeros(4, 3)}), "missing \\['b'\\]")
-    _refused(_validator(), _content({**GLOBAL, "extra": torch.zeros(1)}), "unexpected \\['extra'\\]")
+    assert_refused(_validator(), _content({"w": torch.zeros(4, 3)}), "missing \\['b'\\]")
+    assert_refused(_validator(), _content({**GLOBAL, "extra": torch.zeros(1)}), "unexpected \\['extra'\\]")
 
 
 @pytest.mark.parametrize(
@@ -67,30 +67,30 @@ def test_the_arrays_are_exactly_the_models_names():
     ids=["shape", "float64", "int32", "flattened"],
 )
 def test_shape_and_dtype_must_match_the_model(array, fragment):
-    _refused(_validator(), _content({**GLOBAL, "w": array}), fragment)
+    assert_refused(_validator(), _content({**GLOBAL, "w": array}), fragment)
 
 
 def test_every_value_must_be_finite():
     for bad in (float("nan"), float("inf"), -float("inf")):
         w = torch.zeros(4, 3)
         w[1, 2] = bad
-        _refused(_validator(), _content({**GLOBAL, "w": w}), "1 non-finite value")
+        assert_refused(_validator(), _content({**GLOBAL, "w": w}), "1 non-finite value")
 
 
 def test_unreadable_arrays_are_refused_without_unpickling():
     good = Array(np.zeros((4, 3), dtype=np.float32))
     truncated = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[: len(good.data) // 2])
-    _refused(_validator(), _content({**GLOBAL, "w": truncated}), "cannot be read")
+    assert_refused(_validator(), _content({**GLOBAL, "w": truncated}), "cannot be read")
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    _refused(
+    assert_refused(
         _validator(),
         _content({**GLOBAL, "w": Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=pickled.getvalue())}),
         "cannot be read",
     )
-    _refused(_validator(), _content({**GLOBAL, "w": Array(dtype="float32", shape=(4, 3), stype="torch", data=good.data)}), "not numpy")
+    assert_refused(_validator(), _content({**GLOBAL, "w": Array(dtype="float32", shape=(4, 3), stype="torch", data=good.data)}), "not numpy")
     oversize = Array(np.zeros((4000, 3), dtype=np.float32))
-    _refused(
+    assert_refused(
         _validator(), _content({**GLOBAL, "w": Array(dtype="float32", shape=(4, 3), stype=oversize.stype, data=oversize.data)}), "far more"
     )
 
@@ -107,32 +107,32 @@ def test_unreadable_arrays_are_refused_without_unpickling():
     ],
 )
 def test_the_count_must_be_a_positive_whole_number(count, fragment):
-    _refused(_validator(), _content(count=count), fragment)
+    assert_refused(_validator(), _content(count=count), fragment)
 
 
 def test_the_count_is_capped_by_max_site_examples_and_by_the_first_claim():
-    _refused(_validator(), _content(count=10**9), "more than max-site-examples \\(1000000\\)")
+    assert_refused(_validator(), _content(count=10**9), "more than max-site-examples \\(1000000\\)")
     validator = _validator(**{"max-site-examples": 500})
-    _refused(validator, _content(count=501), "max-site-examples")
+    assert_refused(validator, _content(count=501), "max-site-examples")
     validator.train_reply("site-a", _content(count=200))
     validator.train_reply("site-a", _content(count=150))  # fewer images (a smaller split) is fine
-    _refused(validator, _content(count=300), "more than the 200 it claimed first", site="site-a")
+    assert_refused(validator, _content(count=300), "more than the 200 it claimed first", site="site-a")
     validator.train_reply("site-b", _content(count=300))  # another site's claim is its own
 
 
 def test_a_dp_run_takes_only_dp_sgd_updates():
     validator = _validator(dp=True, **{"max-update-norm": 100.0})
-    _refused(validator, _content(), "no DP-SGD accounting")
-    _refused(validator, _content(**{**DP_METRICS, "noise-multiplier": float("nan")}), "no DP-SGD accounting")
-    _refused(validator, _content(**{**DP_METRICS, "dp": 0.0}), "no DP-SGD accounting")
-    _refused(validator, _content(**{k: v for k, v in DP_METRICS.items() if k != "delta"}), "no DP-SGD accounting")
+    assert_refused(validator, _content(), "no DP-SGD accounting")
+    assert_refused(validator, _content(**{**DP_METRICS, "noise-multiplier": float("nan")}), "no DP-SGD accounting")
+    assert_refused(validator, _content(**{**DP_METRICS, "dp": 0.0}), "no DP-SGD accounting")
+    assert_refused(validator, _content(**{k: v for k, v in DP_METRICS.items() if k != "delta"}), "no DP-SGD accounting")
     assert validator.train_reply("site-0", _content(**DP_METRICS))
 
 
 def test_the_norm_rule_configured():
     validator = _validator(**{"max-update-norm": 1.0})
     validator.train_reply("site-0", _content({"w": torch.full((4, 3), 0.2), "b": torch.zeros(4)}))  # norm 0.69
-    _refused(validator, _content({"w": torch.full((4, 3), 0.5), "b": torch.zeros(4)}), r"moves the model by 1.732")
+    assert_refused(validator, _content({"w": torch.full((4, 3), 0.5), "b": torch.zeros(4)}), r"moves the model by 1.732")
     assert _validator().norm_bound(num_examples=100, noise_multiplier=None) is None  # no DP, nothing configured: no norm rule
     assert "set max-update-norm" in norm_bound_rule(FedConfig.from_mapping({"dp": False}))
 
@@ -143,7 +143,7 @@ def test_under_central_dp_the_sites_clipping_bounds_the_norm_and_every_weight_is
     validator.expect(ArrayRecord({k: v.clone() for k, v in GLOBAL.items()}))
     clean = validator.train_reply("site-0", _content({"w": torch.full((4, 3), 0.1), "b": torch.zeros(4)}, **{UNIT_WEIGHT: 1e9}))
     assert clean.metric_records["metrics"][UNIT_WEIGHT] == 1.0
-    _refused(validator, _content({"w": torch.full((4, 3), 0.2), "b": torch.zeros(4)}), "bound 0.5")
+    assert_refused(validator, _content({"w": torch.full((4, 3), 0.2), "b": torch.zeros(4)}), "bound 0.5")
 
 
 def test_the_derived_bound_follows_its_formula():
@@ -188,7 +188,7 @@ def test_real_dp_sgd_stays_within_the_derived_bound_and_a_scaled_update_does_not
     metrics = {**DP_METRICS, "noise-multiplier": sigma}
     validator.train_reply("site-0", _content(trained, count=n, **metrics))
     scaled = {k: start[k] + (bound / distance) * 1.01 * (trained[k] - start[k]) for k in start}
-    _refused(validator, _content(scaled, count=n, **metrics), "more than the bound")
+    assert_refused(validator, _content(scaled, count=n, **metrics), "more than the bound")
 
 
 def test_evaluation_replies_allow_no_images_but_not_garbage():
