@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "centralized",
         help="train the same model on the pooled data (the baseline)",
-        description="Train on all data in one place for num-rounds x local-epochs passes.",
+        description="Train on all data in one place: num-rounds rounds of local-epochs passes (at least local-steps steps each).",
     )
     add_config_args(p)
     p.add_argument("--out", type=Path, help="run folder to create (default: runs/centralized-<time>)")

@@ -10,6 +10,7 @@ from fedlens.client.site import load_site
 from fedlens.shared.config import FedConfig
 from fedlens.shared.errors import ConfigError
 from fedlens.shared.privacy import BudgetExceeded, PrivacyLedger, SiteRefusal
+from fedlens.shared.privacy.dpsgd import steps_per_epoch
 
 
 @pytest.fixture
@@ -121,3 +122,14 @@ def test_every_round_the_site_trains_or_refuses_is_in_its_audit_log(deployed, tm
     assert "without differential privacy" in refused["reason"] and refused["round"] == 2
     assert non_private["sha256"] == update_fingerprint(plain)[1] and non_private["epsilon_after"] is None
     assert "WITHOUT differential privacy" in non_private["reason"]
+
+
+def test_local_steps_set_the_work_of_a_non_private_round_only(deployed, tmp_path):
+    cfg, node = deployed  # 36 images, batch 4: 9 steps per pass
+    public = FedConfig.from_mapping({"dp": False, "local-steps": 20}, base=cfg)
+    _site, (_update, _n, metrics) = _round(public, {**node, "allow-non-private": "true"})
+    assert metrics["train-steps"] == 20
+    # Under DP-SGD a round stays local-epochs x int(1/q) Poisson steps: that is what is calibrated and accounted.
+    site, _ = _round(FedConfig.from_mapping({"local-steps": 20}, base=cfg), node)
+    entries = PrivacyLedger(tmp_path / "state").entries()
+    assert [e.steps for e in entries] == [steps_per_epoch(cfg.batch_size / len(site.train))] != [20]

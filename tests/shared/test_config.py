@@ -48,6 +48,7 @@ def test_snake_case_keys_are_not_accepted():
         ("server-lr", -0.1, "server-lr"),
         ("ema-decay", 1.0, "ema-decay"),
         ("ema-decay", -0.5, "ema-decay"),
+        ("local-steps", -1, "local-steps"),
     ],
 )
 def test_out_of_range_values_are_rejected(key, value, fragment):
