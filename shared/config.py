@@ -115,10 +115,11 @@ class FedConfig:
     dropout: float = _opt(0.2, "dropout before the classifier while training, in [0, 1)")
     # --- optimisation -----------------------------------------------------------
     local_epochs: int = _opt(1, "passes over the local data per round")
-    # 32 at batch 64: one epoch gives a site of 800 images only ~12 steps a round, too
-    # little work per round (a small-site federation fell to 0.92 of centralized); the
-    # floor leaves sites of 2,000+ images alone. Not under DP-SGD: there a round is
-    # local-epochs x int(1/q) Poisson steps, calibrated and accounted before training.
+    # 32: at batch 64 one epoch gives a site of 800 images 13 steps a round, too little
+    # work (on 5 sites of ~800 images federated fell to 0.97 of centralized, 0.92 on
+    # another image set); 32 lifts it to 0.98 (docs/benchmarks.md, section 12) and leaves
+    # sites of 1,985+ images alone. Not under DP-SGD: there a round is local-epochs x
+    # int(1/q) Poisson steps, the steps the noise is calibrated and accounted for.
     local_steps: int = _opt(
         32,
         "non-private runs: at least this many optimiser steps per site and round (further passes over a small site's data; 0 = off). With DP-SGD a round is local-epochs x int(1/q) steps, as accounted",

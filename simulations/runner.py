@@ -215,7 +215,7 @@ def centralized(cfg: FedConfig, out: str | Path) -> dict[str, Any]:
                 "round": rnd,
                 "elapsed_s": round(elapsed, 2),
                 "server": report.to_dict(),
-                "train": {"train-loss": stats.loss, "train-accuracy": stats.accuracy, "steps": stats.steps},
+                "train": {"train-loss": stats.loss, "train-accuracy": stats.accuracy, "train-steps": stats.steps},
             }
         )
         run.save_model(task.model.state_dict(), cfg=cfg, classes=test.classes, round=rnd)

@@ -103,7 +103,7 @@ def test_centralized_baseline(tmp_path, cache_dir):
 def test_centralized_takes_the_local_steps_of_the_runs_sites(tmp_path, cache_dir):
     def steps(name: str, **extra) -> list[int]:
         centralized(_cfg(cache_dir, **{"local-steps": 25, **extra}), tmp_path / name)
-        return [json.loads(line)["train"]["steps"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line)["train"]["train-steps"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     assert steps("public", dp=False) == [25]  # 300 images, batch 16: a pass is 19 steps; the floor adds 6
     assert steps("private") == [19]  # private sites take the steps DP-SGD accounts for, and so does their baseline
