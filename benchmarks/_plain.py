@@ -85,7 +85,8 @@ def _local_round(
 ) -> SiteUpdate:
     """A site's local training from ``state``, as the ClientApp does it."""
     task.load_trainable(state)
-    task.train(data, epochs=cfg.local_epochs, seed=site_seed(cfg.seed, rnd, name), lr=task.round_lr(rnd), dp=dp)
+    min_steps = cfg.local_steps if dp is None else 0
+    task.train(data, epochs=cfg.local_epochs, seed=site_seed(cfg.seed, rnd, name), lr=task.round_lr(rnd), min_steps=min_steps, dp=dp)
     return task.trainable_state(), len(data), {}
 
 

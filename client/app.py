@@ -183,6 +183,7 @@ def _train_locally(
         seed=site_seed(cfg.seed, rnd, site.name),
         lr=site.task.round_lr(rnd),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        min_steps=cfg.local_steps if dp is None else 0,  # DP-SGD takes the steps its plan accounts for
         dp=dp,
         # DP noise comes from the site's own entropy unless the run asks to be repeatable
         # (then it is reported as not private: the server could rebuild the noise).
@@ -194,7 +195,9 @@ def _train_locally(
         # Loss, accuracy and timing of training are exact statistics of the training
         # images, not covered by DP-SGD: a private site keeps them to itself (it logs them).
         # A private round's accounting is added by SitePrivacy once it is recorded.
-        metrics.update({"train-loss": stats.loss, "train-accuracy": stats.accuracy, "train-seconds": stats.seconds})
+        metrics.update(
+            {"train-loss": stats.loss, "train-accuracy": stats.accuracy, "train-seconds": stats.seconds, "train-steps": float(stats.steps)}
+        )
     return site.task.trainable_state(), stats.num_examples, metrics
 
 

@@ -31,7 +31,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_centralized(args: argparse.Namespace) -> int:
     from fedlens.simulations.runner import centralized
 
-    cfg = resolve_config(args)
+    # The baseline trains without DP-SGD, so it starts from dp = false and its non-private settings.
+    cfg = resolve_config(args, preset={"dp": False})
     out = args.out or default_out("centralized")
     print_result(centralized(cfg, out), out)
     return 0
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "centralized",
         help="train the same model on the pooled data (the baseline)",
-        description="Train on all data in one place for num-rounds x local-epochs passes.",
+        description="Train on all data in one place, without DP-SGD: num-rounds rounds of local-epochs passes (at least "
+        "local-steps steps each). It starts from dp = false, so the non-private settings apply to keys left unset.",
     )
     add_config_args(p)
     p.add_argument("--out", type=Path, help="run folder to create (default: runs/centralized-<time>)")

@@ -17,7 +17,7 @@ def _experiments() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
 
 
-def resolve_config(args: argparse.Namespace) -> FedConfig:
+def resolve_config(args: argparse.Namespace, *, preset: dict[str, object] | None = None) -> FedConfig:
     path = args.config
     if getattr(args, "experiment", None):
         if path:
@@ -25,7 +25,7 @@ def resolve_config(args: argparse.Namespace) -> FedConfig:
         path = EXPERIMENTS_DIR / f"{args.experiment}.toml"
         if not path.is_file():
             raise FedlensError(f"unknown experiment {args.experiment!r}; available: {', '.join(_experiments())}")
-    return load_config(path, parse_overrides(args.set or []))
+    return load_config(path, parse_overrides(args.set or []), preset=preset)
 
 
 def add_config_args(p: argparse.ArgumentParser, *, experiments: bool = True) -> None:

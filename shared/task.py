@@ -53,6 +53,7 @@ __all__ = [
     "local_split_indices",
     "site_seed",
     "divergence_cause",
+    "local_steps",
 ]
 
 _log = logging.getLogger(f"fedlens.{__name__}")
@@ -170,6 +171,16 @@ class _DivergenceWatch:
             )
 
 
+def local_steps(num_examples: int, *, batch_size: int, epochs: int, min_steps: int = 0) -> int:
+    """Optimiser steps of one non-private local round: ``epochs`` passes, at least ``min_steps``.
+
+    A pass is ``ceil(num_examples / batch_size)`` batches (the last one may be short);
+    steps beyond the passes come from further passes over freshly shuffled data, the
+    last of them cut short.
+    """
+    return max(epochs * math.ceil(num_examples / batch_size), min_steps)
+
+
 @dataclass(frozen=True)
 class TrainStats:
     loss: float
@@ -285,6 +296,7 @@ class Task:
         seed: int,
         lr: float | None = None,
         proximal_mu: float = 0.0,
+        min_steps: int = 0,
         dp: DPSGD | None = None,
         dp_seed: int | None = None,
     ) -> TrainStats:
@@ -304,6 +316,9 @@ class Task:
             FedProx: pulls weights towards their value at the start of the call.
             Applied as a decoupled proximal step after each optimiser step, which
             needs no per-sample gradient and so composes with DP-SGD.
+        min_steps : int
+            Non-private training only: take at least this many optimiser steps
+            (:func:`local_steps`), so that a small site does not stop after a few.
         dp : DPSGD, optional
             The DP-SGD mechanism; ``None`` trains without privacy.
         dp_seed : int, optional
@@ -314,6 +329,9 @@ class Task:
 
         if len(data) == 0:
             raise ValueError("no training data")
+        if dp is not None and min_steps > 0:
+            # DP-SGD's steps are planned and accounted before training (epochs x int(1/q)).
+            raise ValueError("min_steps applies to non-private training only; DP-SGD takes the steps its plan accounts for")
         cfg = self.cfg
         generator = torch.Generator().manual_seed(seed)
         params = [p for p in self.head.parameters() if p.requires_grad]
@@ -322,7 +340,7 @@ class Task:
         optimizer = self.make_optimizer(params, lr)
         n = len(data)
         if dp is None:
-            batches = self._shuffled(n, epochs, generator)
+            batches = self._shuffled(n, local_steps(n, batch_size=cfg.batch_size, epochs=epochs, min_steps=min_steps), generator)
             stepper: Stepper = PlainStepper(optimizer)
         else:
             sampling, noise = dp.generators(dp_seed, self.device)
@@ -365,10 +383,13 @@ class Task:
         seen = max(seen, 1)
         return TrainStats(total_loss / seen, correct / seen, n, steps, time.perf_counter() - started)
 
-    def _shuffled(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        for _ in range(epochs):
+    def _shuffled(self, n: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """``steps`` batches from successive shuffles of ``range(n)``."""
+        taken = 0
+        while taken < steps:
             order = torch.randperm(n, generator=generator)
-            for i in range(0, n, self.cfg.batch_size):
+            for i in range(0, n, self.cfg.batch_size)[: steps - taken]:
+                taken += 1
                 yield order[i : i + self.cfg.batch_size]
 
     def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:

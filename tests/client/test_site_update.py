@@ -11,6 +11,7 @@ from fedlens.shared.config import FedConfig
 from fedlens.shared.data import LabelMismatch
 from fedlens.shared.errors import ConfigError, DataError
 from fedlens.shared.privacy import BudgetExceeded, PrivacyLedger, SiteRefusal
+from fedlens.shared.privacy.dpsgd import steps_per_epoch
 from fedlens.shared.task import Task
 
 CLASSES = ("alpha", "beta", "gamma")  # the image_folder fixture's class folders
@@ -174,3 +175,14 @@ def test_a_round_whose_training_diverges_fails_with_the_cause_and_is_audited(dep
     assert "--experiment non-private" in str(err.value)
     (failed,) = SiteAudit(tmp_path / "state").entries()
     assert failed["outcome"] == "failed" and "TrainingDiverged" in failed["reason"] and failed["sha256"] is None
+
+
+def test_local_steps_set_the_work_of_a_non_private_round_only(deployed, tmp_path):
+    cfg, node = deployed  # 36 images, batch 4: 9 steps per pass
+    public = FedConfig.from_mapping({"dp": False, "local-steps": 20}, base=cfg)
+    _site, (_update, _n, metrics) = _round(public, {**node, "allow-non-private": "true"})
+    assert metrics["train-steps"] == 20
+    # Under DP-SGD a round stays local-epochs x int(1/q) Poisson steps: that is what is calibrated and accounted.
+    site, _ = _round(FedConfig.from_mapping({"local-steps": 20}, base=cfg), node)
+    entries = PrivacyLedger(tmp_path / "state").entries()
+    assert [e.steps for e in entries] == [steps_per_epoch(cfg.batch_size / len(site.train))] != [20]

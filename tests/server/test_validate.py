@@ -88,7 +88,9 @@ def test_unreadable_arrays_are_refused_without_unpickling():
         _content({**GLOBAL, "w": Array(dtype="object", shape=(1,), stype="numpy.ndarray", data=pickled.getvalue())}),
         "cannot be read",
     )
-    assert_refused(_validator(), _content({**GLOBAL, "w": Array(dtype="float32", shape=(4, 3), stype="torch", data=good.data)}), "not numpy")
+    assert_refused(
+        _validator(), _content({**GLOBAL, "w": Array(dtype="float32", shape=(4, 3), stype="torch", data=good.data)}), "not numpy"
+    )
     oversize = Array(np.zeros((4000, 3), dtype=np.float32))
     assert_refused(
         _validator(), _content({**GLOBAL, "w": Array(dtype="float32", shape=(4, 3), stype=oversize.stype, data=oversize.data)}), "far more"

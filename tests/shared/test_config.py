@@ -68,6 +68,7 @@ def test_snake_case_keys_are_not_accepted():
         ("attack-sites", "1", "attack-sites"),
         ("attack-sites", "1=flood", "attack-sites"),
         ("attack-sites", "10=nan", "partition id"),
+        ("local-steps", -1, "local-steps"),
     ],
 )
 def test_out_of_range_values_are_rejected(key, value, fragment):
@@ -152,6 +153,15 @@ def test_settings_the_user_gives_win_over_the_non_private_ones(tmp_path):
     assert (cfg.lr, cfg.batch_size, cfg.optimizer) == (0.01, 32, NON_PRIVATE_SETTINGS["optimizer"])
     # On a resolved config (base=), nothing is swapped behind the caller's back.
     assert FedConfig.from_mapping({"dp": False}, base=FedConfig()).lr == FedConfig().lr
+
+
+def test_a_preset_is_a_starting_point_the_file_and_overrides_can_change(tmp_path):
+    # `fedlens centralized` trains without DP-SGD and starts from dp = false.
+    baseline = load_config(None, {}, preset={"dp": False})
+    assert baseline.dp is False and baseline.optimizer == NON_PRIVATE_SETTINGS["optimizer"]
+    path = tmp_path / "c.toml"
+    path.write_text("dp = true\n")
+    assert load_config(path, {}, preset={"dp": False}) == FedConfig()
 
 
 def test_config_keys_say_which_settings_only_make_sense_with_dp():

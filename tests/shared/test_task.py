@@ -8,7 +8,7 @@ from fedlens.shared.data import load_image_folder
 from fedlens.shared.errors import TrainingDiverged
 from fedlens.shared.models import get_backbone
 from fedlens.shared.privacy import DPSGD
-from fedlens.shared.task import Task
+from fedlens.shared.task import Task, local_steps
 
 
 def _task(cache_dir, **kw):
@@ -45,6 +45,41 @@ def test_local_training_learns_a_separable_task(image_folder, cache_dir):
     assert stats.num_examples == 36 and stats.steps == 15 * 5
     assert after.loss < before
     assert after.accuracy > 0.6  # chance is 1/3
+
+
+@pytest.mark.parametrize(
+    "num_examples, epochs, min_steps, expected",
+    [
+        pytest.param(800, 1, 0, 13, id="one-epoch-of-800"),  # 12 full batches of 64 and a short one
+        pytest.param(800, 1, 32, 32, id="small-site-floor"),
+        pytest.param(264, 1, 32, 32, id="tiny-site-floor"),
+        pytest.param(2183, 1, 32, 35, id="large-site-untouched"),
+        pytest.param(800, 3, 32, 39, id="epochs-above-the-floor"),
+        pytest.param(64, 1, 0, 1, id="one-batch"),
+    ],
+)
+def test_local_steps_are_epochs_with_a_floor(num_examples, epochs, min_steps, expected):
+    assert local_steps(num_examples, batch_size=64, epochs=epochs, min_steps=min_steps) == expected
+
+
+def test_a_small_site_takes_at_least_min_steps(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    task = _task(cache_dir, lr=0.003)
+    data = task.prepare(images, for_training=True)  # 36 images, batch 8: 5 steps per pass
+    assert task.train(data, epochs=1, seed=0).steps == 5
+    assert task.train(data, epochs=1, seed=0, min_steps=12).steps == 12  # two more passes, the last cut short
+    assert task.train(data, epochs=3, seed=0, min_steps=12).steps == 15  # epochs above the floor decide
+
+
+def test_min_steps_is_refused_under_dp_sgd(image_folder, cache_dir):
+    images, _ = load_image_folder(image_folder, image_size=32)
+    task = _task(cache_dir)
+    data = task.prepare(images, for_training=True)
+    dp = DPSGD(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=8 / 36, expected_batch_size=8, secure_rng=False)
+    start = task.trainable_state()
+    with pytest.raises(ValueError, match="non-private training only"):
+        task.train(data, epochs=1, seed=0, min_steps=12, dp=dp)
+    assert all(torch.equal(start[k], v) for k, v in task.trainable_state().items())  # nothing trained
 
 
 def test_trainable_state_is_a_copy(cache_dir):

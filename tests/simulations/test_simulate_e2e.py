@@ -119,6 +119,15 @@ def test_centralized_baseline(tmp_path, cache_dir):
     assert len((tmp_path / "central" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_centralized_takes_the_local_steps_of_the_runs_sites(tmp_path, cache_dir):
+    def steps(name: str, **extra) -> list[int]:
+        centralized(_cfg(cache_dir, **{"local-steps": 25, **extra}), tmp_path / name)
+        return [json.loads(line)["train"]["train-steps"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert steps("public", dp=False) == [25]  # 300 images, batch 16: a pass is 19 steps; the floor adds 6
+    assert steps("private") == [19]  # private sites take the steps DP-SGD accounts for, and so does their baseline
+
+
 def _fedlens(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "fedlens.ops.cli", *args],
