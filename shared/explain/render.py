@@ -194,6 +194,8 @@ def render_html(report: dict[str, Any], images: torch.Tensor, maps: dict[str, to
         parts.append("<table><tr><th class='l'>site</th><th>epsilon spent</th><th>delta</th></tr>")
         parts += [
             f"<tr><td class='l'>{e(s)}</td><td>{v['epsilon']:.3f}</td><td>{v['delta']:.1e}</td></tr>"
+            if isinstance(v, dict)
+            else f"<tr><td class='l'>{e(s)}</td><td colspan=2>{e(str(v))}</td></tr>"
             for s, v in card["site_privacy"].items()
         ]
         parts.append("</table>")
