@@ -2,10 +2,11 @@
 
 Exports the model with `fedlens export --int8` (calibration: 256 images of Fashion-MNIST's
 public training split; checks: the 10,000 Fashion-MNIST test images), then times one
-test image through each backend, the backends taking turns so that load from other jobs
-falls on all of them alike. Model only: the input is already decoded and normalised.
+test image through each backend, the backends taking turns (five blocks each) so that
+load from other jobs falls on all of them alike. Model only: the input is already decoded
+and normalised.
 
-    python benchmarks/inference.py --model RUN_DIR [--threads 2] [--runs 500]
+    python benchmarks/inference.py --model RUN_DIR [--export DIR] [--threads 2] [--runs 500]
 
 Bars (issue 17): INT8 accuracy drop <= 0.5 points on the 10,000 test images.
 """
@@ -35,6 +36,8 @@ from fedlens.shared.inference import (
     load_model,
 )
 
+_CYCLES = 5
+
 
 def _percentiles(samples: list[float]) -> tuple[float, float]:
     ms = np.asarray(samples) * 1000
@@ -44,16 +47,16 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True, help="run folder or model.safetensors (Fashion-MNIST classes)")
-    p.add_argument("--export", type=Path, help="reuse this `fedlens export --int8` folder instead of exporting again")
+    p.add_argument("--export", type=Path, help="export folder: reused when it holds an export.json, else written")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every backend (default 2)")
     p.add_argument("--runs", type=int, default=500, help="timed calls per backend (default 500)")
-    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=50, help="untimed calls per backend (default 50)")
     args = p.parse_args()
     setup_logging()
 
     out = args.export or Path(tempfile.mkdtemp(prefix="fedlens-inference-bench-"))
     started = time.monotonic()
-    if args.export is None:
+    if not (out / EXPORT_FILE).is_file():
         export_model(args.model, out, ExportOptions(int8=True, threads=args.threads))
     export_s = time.monotonic() - started
     record = json.loads((out / EXPORT_FILE).read_text())
@@ -70,13 +73,17 @@ def main() -> None:
     }
     _train, test = load_fashion_mnist()
     x = loaded.transform(test.images[:1])  # one decoded, normalised test image: model time only
+    # Blocks of calls, the backends taking turns block by block: load from other jobs falls on
+    # all of them alike, and one backend's idle worker threads (ONNX Runtime and OpenMP spin for
+    # a while after a call) do not land in another backend's timed call.
     times: dict[str, list[float]] = {name: [] for name in backends}
-    for i in range(args.warmup + args.runs):
+    for _ in range(_CYCLES):
         for name, run in backends.items():
-            t0 = time.perf_counter()
-            run(x)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+            for i in range(args.warmup // _CYCLES + args.runs // _CYCLES):
+                t0 = time.perf_counter()
+                run(x)
+                if i >= args.warmup // _CYCLES:
+                    times[name].append(time.perf_counter() - t0)
 
     lat = {name: _percentiles(samples) for name, samples in times.items()}
     size = loaded.transform.image_size
