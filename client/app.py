@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedlens.shared.checkpoint import read_checkpoint_meta, save_checkpoint
+from fedlens.shared.checkpoint import GLOBAL_MODEL_FILE, read_checkpoint_meta, save_checkpoint
 from fedlens.shared.config import FedConfig
 from fedlens.shared.errors import FedlensError
 from fedlens.shared.privacy import DPSGD, DPRequest, SiteRefusal, SiteUpdate, update_fingerprint
@@ -44,16 +44,13 @@ def _round(config: Mapping[str, object]) -> int:
     return int(config.get("server-round", 0)) + int(config.get(ROUND_OFFSET, 0))  # type: ignore[call-overload]
 
 
-# A deployed site keeps the last global model it received, so it can explain it on its own
-# images (`fedlens explain --model STATE_DIR/global-model.safetensors --data DIR`).
-GLOBAL_MODEL = "global-model.safetensors"
-
-
 def _keep_global_model(site: Site, node_config: Mapping[str, object], *, run_id: str, round: int) -> None:
+    # A deployed site keeps the last global model it received, so it can explain and use it on
+    # its own images (`fedlens explain|predict --model STATE_DIR/global-model.safetensors`).
     state_dir = node_config.get("state-dir")
     if site.simulated or not state_dir:
         return
-    path = Path(str(state_dir)) / GLOBAL_MODEL
+    path = Path(str(state_dir)) / GLOBAL_MODEL_FILE
     try:
         if path.is_file():
             kept = read_checkpoint_meta(path)

@@ -13,9 +13,20 @@ from safetensors.torch import save
 from .errors import CheckpointError
 from .io import atomic_write_bytes
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "Checkpoint"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "resolve_model_path",
+    "Checkpoint",
+    "MODEL_FILE",
+    "GLOBAL_MODEL_FILE",
+]
 
 _FORMAT = "fedlens-model-v1"
+# A run folder's global model, and the copy a deployed site keeps in its state folder.
+MODEL_FILE = "model.safetensors"
+GLOBAL_MODEL_FILE = "global-model.safetensors"
 # Tensors under this prefix are the server's training state (the plain aggregate when the
 # published model is an average over rounds), kept apart from the model's own state.
 _TRAINING = "training/"
@@ -54,12 +65,30 @@ def save_checkpoint(
     atomic_write_bytes(path, save(tensors, metadata=header))
 
 
-def _read(path: str | Path, *, tensors: bool) -> Checkpoint:
+def resolve_model_path(path: str | Path) -> Path:
+    """The model file ``path`` names: itself, a run folder's ``model.safetensors``, or a
+    site state folder's ``global-model.safetensors``.
+
+    Raises
+    ------
+    CheckpointError
+        If there is no such file.
+    """
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        for name in (MODEL_FILE, GLOBAL_MODEL_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"{path} holds no {MODEL_FILE} (a run folder) and no {GLOBAL_MODEL_FILE} (a site's state folder); pass the model file itself"
+        )
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist")
+    return path
+
+
+def _read(path: str | Path, *, tensors: bool) -> Checkpoint:
+    path = resolve_model_path(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
@@ -78,7 +107,7 @@ def _read(path: str | Path, *, tensors: bool) -> Checkpoint:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint` (a file, or a run folder).
+    """Read a checkpoint written by :func:`save_checkpoint` (a file, a run folder or a site state folder).
 
     Only safetensors are read: other formats could execute code when unpickled.
 

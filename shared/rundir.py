@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_checkpoint_meta, save_checkpoint
+from .checkpoint import MODEL_FILE, read_checkpoint_meta, save_checkpoint
 from .config import FedConfig, load_config
 from .errors import ConfigError
 from .io import append_jsonl, atomic_write_json, atomic_write_text
@@ -26,7 +26,6 @@ _log = logging.getLogger(f"fedlens.{__name__}")
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
-MODEL_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
 STATUS_FILE = "status.json"
 RUN_ID_FILE = "run-id"

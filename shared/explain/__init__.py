@@ -2,7 +2,7 @@
 them, and a self-contained HTML report. Plotting lives in :mod:`.render` only."""
 
 from .methods import MethodOptions, attribute, get_method, method_names
-from .report import DEFAULT_METHODS, ExplainOptions, explain, load_model
+from .report import DEFAULT_METHODS, ExplainOptions, explain
 from .trust import deletion_insertion, randomized_copy, rank_correlation
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "deletion_insertion",
     "explain",
     "get_method",
-    "load_model",
     "method_names",
     "randomized_copy",
     "rank_correlation",

@@ -6,7 +6,6 @@ simulation); only the report leaves, and only if its owner sends it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -18,16 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint
 from ..config import FedConfig
 from ..data import ClassMap, ImageSet, load_dataset, load_image_folder, plan_labels, relabel
-from ..errors import CheckpointError, DataError
+from ..errors import DataError
+from ..inference import load_model
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import ClassificationReport, classification_report, roc_curve
 from .methods import MethodOptions, attribute, get_method
 from .trust import SANITY_FLAG, Faithfulness, deletion_insertion, random_ranking_maps, randomized_copy, rank_correlation
 
-__all__ = ["ExplainOptions", "explain", "load_model"]
+__all__ = ["ExplainOptions", "explain"]
 
 _log = logging.getLogger("fedlens.explain")
 
@@ -45,37 +44,6 @@ class ExplainOptions:
     internal_batch_size: int = 32
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def load_model(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """A :class:`~shared.task.Task` holding the checkpoint's model, and the checkpoint metadata.
-
-    ``path`` is a ``model.safetensors`` file or a run folder. Only safetensors are read.
-
-    Raises
-    ------
-    CheckpointError
-        Not a fedlens safetensors model, or weights that do not fit the backbone and
-        class count recorded in it.
-    """
-    from ..task import Task
-
-    ckpt = load_checkpoint(path)
-    meta = ckpt.meta
-    if "config" not in meta or "classes" not in meta:
-        raise CheckpointError(f"{path} has no fedlens config/classes in its header; was it written by fedlens?")
-    cfg = FedConfig.from_mapping({**meta["config"], "device": "cpu", "lora-rank": meta["config"].get("lora-rank", 0)})
-    task = Task(cfg, len(meta["classes"]))
-    try:
-        task.model.load_state_dict(ckpt.state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(
-            f"{path} does not fit a {cfg.backbone} with {len(meta['classes'])} classes ({first}); "
-            "the file was changed or comes from another model"
-        ) from exc
-    task.model.eval()
-    return task, meta
 
 
 def _load_images(data: str | ImageSet, task: Any, classes: list[str], class_map: ClassMap | None) -> ImageSet:
@@ -200,7 +168,7 @@ def _trust(
 
 
 def _assemble(
-    model: str | Path,
+    card: dict[str, Any],
     meta: dict[str, Any],
     source: str,
     images: ImageSet,
@@ -211,10 +179,9 @@ def _assemble(
 ) -> dict[str, Any]:
     """Step 5: the report as one JSON-ready mapping (``seconds`` is filled in when written)."""
     classes, perf, labels, preds, probs = list(meta["classes"]), scores.perf, scores.labels, scores.preds, scores.probs
-    summary = _run_summary(model)
     hardest = sorted(range(len(classes)), key=lambda c: perf.f1[c] if not math.isnan(perf.f1[c]) else 2.0)[:3]
     return {
-        "model": _model_card(model, meta, summary),
+        "model": card,
         "data": {"source": source, "images": len(images), "per_class": np.bincount(labels, minlength=len(classes)).tolist()},
         "performance": {**perf.to_dict(), "classes": classes, "hardest_classes": [classes[c] for c in hardest], "roc": scores.roc},
         "methods": {n: {"title": get_method(n).title, "summary": get_method(n).summary} for n in o.methods},
@@ -305,8 +272,9 @@ def explain(
     for name in o.methods:
         get_method(name)  # unknown names fail before any work
     started = time.monotonic()
-    task, meta = load_model(model)
-    classes = list(meta["classes"])
+    loaded = load_model(model)
+    task, meta = loaded.task, loaded.meta
+    classes = list(loaded.classes)
     images = _load_images(data, task, classes, class_map)
     source = data if isinstance(data, str) else f"{images.name} ({len(images)} images)"
     if len(images) == 0:
@@ -321,7 +289,7 @@ def explain(
     predicted = torch.as_tensor(scores.preds[chosen])  # maps explain the predicted class
     maps, seconds = _attributions(net, x, predicted, o)
     trust = _trust(net, x, predicted, maps, seconds, o)
-    report = _assemble(model, meta, source, images, scores, chosen, trust, o)
+    report = _assemble(loaded.card, meta, source, images, scores, chosen, trust, o)
     _write(out, report, images.images[chosen], maps, started)
     return report
 
@@ -335,40 +303,3 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
-
-
-def _run_summary(model: str | Path) -> dict[str, Any]:
-    path = Path(model)
-    folder = path if path.is_dir() else path.parent
-    try:
-        return dict(json.loads((folder / "summary.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError):
-        return {}
-
-
-def _model_card(model: str | Path, meta: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    from ..models import get_backbone
-
-    cfg = meta["config"]
-    privacy = summary.get("privacy") or {}
-    card: dict[str, Any] = {
-        "file": str(model),
-        "backbone": cfg["backbone"],
-        "weights": get_backbone(cfg["backbone"]).weights_source
-        if cfg.get("pretrained", True)
-        else "random initialisation (pretrained = false)",
-        "policy": cfg["policy"],
-        "lora_rank": cfg.get("lora-rank", 0),
-        "rounds": meta.get("round"),
-        "sites": summary.get("num_sites", cfg.get("num-sites")),
-        "strategy": cfg["strategy"],
-        "dataset": cfg["dataset"],
-        "image_size": cfg["image-size"],
-    }
-    if privacy:
-        card["private"] = bool(privacy.get("private"))
-        card["privacy_reason"] = privacy.get("reason", "")
-        card["site_privacy"] = {s: {"epsilon": v["epsilon"], "delta": v["delta"]} for s, v in (privacy.get("sites") or {}).items()}
-    else:
-        card["private"] = None  # unknown: no run summary next to the model
-    return card
