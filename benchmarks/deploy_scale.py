@@ -79,6 +79,7 @@ def main() -> None:
                     "test-fraction": 0.5,
                     "image-size": 32,
                     "batch-size": 16,
+                    "lr": 0.05,  # the DP lr for batches of 16 (the default 0.5 is tuned for batches of 256)
                     "num-rounds": args.rounds,
                     "num-sites": args.sites,
                     "min-sites": k,

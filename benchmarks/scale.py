@@ -73,7 +73,7 @@ def main() -> None:
     for n in sizes:
         cfg = config(
             args,
-            defaults={"image-size": 32, "batch-size": 16, "report-per-class": 0, "max-test-images": 1000},
+            defaults={"image-size": 32, "batch-size": 16, "lr": 0.05, "report-per-class": 0, "max-test-images": 1000},
             **{
                 "num-sites": n,
                 "num-rounds": args.rounds,
