@@ -28,18 +28,17 @@ def classes_from(path: Path) -> tuple[tuple[str, ...], str]:
     FedlensError
         When ``path`` records no classes.
     """
-    from fedlens.client.app import GLOBAL_MODEL
-    from fedlens.shared.checkpoint import read_checkpoint_meta
+    from fedlens.shared.checkpoint import GLOBAL_MODEL_FILE, MODEL_FILE, read_checkpoint_meta
     from fedlens.shared.config import load_config, parse_classes
     from fedlens.shared.data import FASHION_MNIST_CLASSES, load_class_map, plan_labels
     from fedlens.shared.data.scan import class_folders
     from fedlens.shared.errors import FedlensError
 
     if path.is_dir():
-        for name in ("model.safetensors", GLOBAL_MODEL, "config.toml"):
+        for name in (MODEL_FILE, GLOBAL_MODEL_FILE, "config.toml"):
             if (path / name).is_file():
                 return classes_from(path / name)
-        raise FedlensError(f"{path} holds no model.safetensors, {GLOBAL_MODEL} or config.toml to read the federation's classes from")
+        raise FedlensError(f"{path} holds no {MODEL_FILE}, {GLOBAL_MODEL_FILE} or config.toml to read the federation's classes from")
     if path.suffix == ".toml":
         cfg = load_config(path)
         if cfg.classes:

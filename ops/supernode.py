@@ -220,7 +220,7 @@ def _check_data(s: SiteSettings) -> int:
     label set fixes: no usable image, or two folders landing on one class without the
     class map saying so. Returns the number of usable images.
     """
-    from fedlens.client.app import GLOBAL_MODEL
+    from fedlens.shared.checkpoint import GLOBAL_MODEL_FILE
     from fedlens.shared.data import LabelMismatch, check_data, load_class_map, scan_folder, write_data_check
     from fedlens.shared.errors import DataError
 
@@ -228,9 +228,9 @@ def _check_data(s: SiteSettings) -> int:
 
     class_map = load_class_map(s.class_map) if s.class_map else None
     classes, source = None, None
-    if (s.state_dir / GLOBAL_MODEL).is_file():
+    if (s.state_dir / GLOBAL_MODEL_FILE).is_file():
         try:
-            classes, source = classes_from(s.state_dir / GLOBAL_MODEL)
+            classes, source = classes_from(s.state_dir / GLOBAL_MODEL_FILE)
         except FedlensError as exc:
             _log.warning("%s: the data check cannot read the classes of the kept global model: %s", s.name, exc)
     scan = scan_folder(s.data, max_pixels=s.max_image_pixels)
