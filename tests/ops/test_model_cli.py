@@ -20,7 +20,8 @@ from ..shared.inference_models import CLASSES, checkpoint, labelled_by_the_model
 def folder_with_a_broken_file(tmp_path):
     folder = tmp_path / "in"
     random_pictures(folder, 4, seed=0)
-    (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    whole = (folder / "img0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
     return folder
 
 
@@ -36,7 +37,7 @@ def test_predict_json_lists_unreadable_files_and_exits_1(tmp_path, cache_dir, fo
     assert doc["model"]["card"]["file"] == str(model) and doc["unreadable"] == 1
     by_name = {r["path"].rsplit("/", 1)[-1]: r for r in doc["results"]}
     assert set(by_name) == {"img0.png", "img1.png", "img2.png", "img3.png", "truncated.png"}
-    assert "cannot decode image" in by_name["truncated.png"]["error"]
+    assert "truncated" in by_name["truncated.png"]["error"]
     for name in ("img0.png", "img1.png", "img2.png", "img3.png"):
         top = by_name[name]["top"]
         assert sorted({t["label"] for t in top}) == sorted(CLASSES)
