@@ -62,6 +62,22 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants alive now."""
+    from fedlens.ops.procs import tree
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    return total / tick
+
+
 class PeakRss:
     """Sample :func:`tree_rss` of a process tree every ``interval`` seconds; ``peak`` is the largest seen."""
 

@@ -21,7 +21,9 @@ def start_server(procs: Procs, certs: Path, state: Path) -> tuple[subprocess.Pop
     return server, port
 
 
-def start_site(procs: Procs, env: dict[str, str], *, name: str, certs: Path, state: Path, port: int, data: Path, site_state: Path) -> None:
+def start_site(
+    procs: Procs, env: dict[str, str], *, name: str, certs: Path, state: Path, port: int, data: Path, site_state: Path
+) -> subprocess.Popen[bytes]:
     """Register ``name`` at the server (`server add-site`) and start its `fedlens client start` (max-epsilon 1000, evaluation allowed)."""
     subprocess.run(
         [
@@ -39,7 +41,7 @@ def start_site(procs: Procs, env: dict[str, str], *, name: str, certs: Path, sta
         check=True,
         capture_output=True,
     )
-    procs.start(
+    return procs.start(
         name,
         *("client", "start", "--server", f"127.0.0.1:{port}", "--ca", str(certs / "ca.pem")),
         *("--key", str(certs / "sites" / f"{name}.key"), "--data", str(data), "--state-dir", str(site_state)),
