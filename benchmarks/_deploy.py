@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from fedlens.ops.procs import Procs, free_port, listening, wait_for
+
+
+def stop_children_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the benchmark's ``finally`` stops the processes it started
+    (they run in sessions of their own and would otherwise outlive it)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def start_server(procs: Procs, certs: Path, state: Path) -> tuple[subprocess.Popen[bytes], int]:

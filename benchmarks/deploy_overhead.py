@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _deploy import start_server, start_site
+from _deploy import start_server, start_site, stop_children_on_sigterm
 
 from fedlens.ops.certs import add_site, init_ca
 from fedlens.ops.procs import Procs, flower_env
@@ -87,6 +87,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()
+    stop_children_on_sigterm()
     root = Path(tempfile.mkdtemp(prefix="fedlens-deploy-bench-"))
     env = flower_env(FLWR_HOME=str(root / "flwr-home"))
     data = write_sample_folders(root / "images", ["server", *SITES])

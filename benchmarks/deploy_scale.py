@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from _common import PeakRss, tree_cpu_s, tree_rss
-from _deploy import start_server, start_site
+from _deploy import start_server, start_site, stop_children_on_sigterm
 
 from fedlens.ops.certs import add_site, init_ca
 from fedlens.ops.procs import Procs, flower_env, wait_for
@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--sampled", default="5,10,20", help="comma list: sites per round, one run each")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    stop_children_on_sigterm()
     sampled = [int(k) for k in args.sampled.split(",")]
     names = [f"site-{i:02d}" for i in range(args.sites)]
     root = Path(tempfile.mkdtemp(prefix="fedlens-deploy-scale-"))
