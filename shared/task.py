@@ -279,7 +279,7 @@ class Task:
 
     def _enter(self, x: torch.Tensor, start: int, *, train: bool, generator: torch.Generator | None) -> torch.Tensor:
         """Bring a batch to the input of the trainable part."""
-        if start == self.cut:
+        if start > 0:  # the frozen part's cached outputs (start == self.cut); 0 = raw images, even when cut is 0
             return x.to(self.device, non_blocking=True)
         x = (self.augment.apply(x, transform=self.transform, generator=generator) if train else self.transform(x)).to(self.device)
         if self.device.type == "cpu":

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,17 @@ def test_cached_features_give_the_same_predictions_as_raw_images(image_folder, c
     # A second prepare reads the cache file instead of recomputing.
     assert list((Path(cache_dir) / "features").glob("*.pt"))
     assert torch.equal(task.prepare(images, for_training=True).inputs, cached.inputs)
+
+
+def test_the_full_policy_trains_and_evaluates_on_raw_images(image_folder, cache_dir):
+    # policy full: the trainable part starts at stage 0, so the data are the raw uint8 images.
+    images, _ = load_image_folder(image_folder, image_size=32)
+    task = _task(cache_dir, policy="full", lr=0.003)
+    data = task.prepare(images, for_training=True)
+    assert task.cut == 0 and data.start == 0 and data.inputs.dtype == torch.uint8
+    stats = task.train(data, epochs=1, seed=0)
+    assert stats.steps > 0 and math.isfinite(stats.loss)
+    assert task.evaluate(task.prepare(images, for_training=False)).accuracy >= 0.0
 
 
 def test_augmentation_disables_the_cache_for_training_only(image_folder, cache_dir):
