@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     # uvicorn stops on SIGTERM and SIGINT: it stops accepting, lets running requests finish
     # (at most 10 s), then the app's lifespan stops the watcher and the inference worker.
+    # The inference thread gives up the GIL inside the model and needs it back to hand over the
+    # result; at Python's default 5 ms switch interval it can wait that long behind the event loop.
+    sys.setswitchinterval(0.0005)
     uvicorn.Server(config).run()
     return 0
 

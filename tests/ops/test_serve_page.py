@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+from websockets.sync.client import ClientConnection, connect
 
 from fedlens.ops.procs import free_port, wait_for
 
@@ -25,10 +27,8 @@ from .serving import serving
 class _Page:
     """One browser tab over the DevTools protocol."""
 
-    def __init__(self, ws_url: str) -> None:
-        from websockets.sync.client import connect
-
-        self.ws = connect(ws_url, max_size=64 * 1024 * 1024)
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
         self.next_id = 0
 
     def call(self, method: str, **params: object) -> dict:
@@ -49,6 +49,7 @@ def _tab(port: int) -> str:
     return pages[0]["webSocketDebuggerUrl"]
 
 
+@pytest.mark.slow
 def test_the_page_classifies_a_chosen_image_and_shows_the_overlay(tmp_path):
     model = checkpoint(tmp_path / "run", str(tmp_path / "cache"))
     (image,) = random_pictures(tmp_path / "pics", 1, seed=4)
@@ -61,20 +62,20 @@ def test_the_page_classifies_a_chosen_image_and_shows_the_overlay(tmp_path):
         )  # fmt: skip
         try:
             wait_for(lambda: _debugger_up(debug_port), 60, "Chromium's DevTools endpoint", interval=0.3)
-            page = _Page(_tab(debug_port))
-            wait_for(lambda: page.js("document.body && document.body.dataset.state") == "ready", 60, "the page's script", interval=0.2)
-            page.js("document.getElementById('method').value = 'gradcam'")
-            doc = page.call("DOM.getDocument")
-            node = page.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
-            page.call("DOM.setFileInputFiles", nodeId=node, files=[str(Path(image).resolve())])
-            wait_for(lambda: page.js("document.body.dataset.state") in ("done", "error"), 120, "the answer on the page", interval=0.2)
-            status = page.js("document.getElementById('status').textContent")
-            assert page.js("document.body.dataset.state") == "done", f"the page shows an error: {status}"
-            labels = page.js("Array.from(document.querySelectorAll('#topk td.label')).map(td => td.textContent)")
-            wait_for(lambda: page.js("document.getElementById('overlay').complete"), 10, "the overlay to load", interval=0.1)
-            overlay = page.js("document.getElementById('overlay').naturalWidth")
-            shot = page.call("Page.captureScreenshot", format="png")["data"]
-            page.ws.close()
+            with connect(_tab(debug_port), max_size=64 * 1024 * 1024) as ws:
+                page = _Page(ws)
+                wait_for(lambda: page.js("document.body && document.body.dataset.state") == "ready", 60, "the page's script", interval=0.2)
+                page.js("document.getElementById('method').value = 'gradcam'")
+                doc = page.call("DOM.getDocument")
+                node = page.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="#file")["nodeId"]
+                page.call("DOM.setFileInputFiles", nodeId=node, files=[str(Path(image).resolve())])
+                wait_for(lambda: page.js("document.body.dataset.state") in ("done", "error"), 120, "the answer on the page", interval=0.2)
+                status = page.js("document.getElementById('status').textContent")
+                assert page.js("document.body.dataset.state") == "done", f"the page shows an error: {status}"
+                labels = page.js("Array.from(document.querySelectorAll('#topk td.label')).map(td => td.textContent)")
+                wait_for(lambda: page.js("document.getElementById('overlay').complete"), 10, "the overlay to load", interval=0.1)
+                overlay = page.js("document.getElementById('overlay').naturalWidth")
+                shot = page.call("Page.captureScreenshot", format="png")["data"]
         finally:
             browser.terminate()
             try:

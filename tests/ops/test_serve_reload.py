@@ -6,6 +6,7 @@ import os
 import threading
 
 import httpx
+import pytest
 
 from fedlens.ops.procs import wait_for
 
@@ -42,6 +43,7 @@ class _Client(threading.Thread):
                     self.versions.append(r.json()["model"]["version"])
 
 
+@pytest.mark.slow
 def test_a_new_global_model_is_served_without_a_failed_request_and_garbage_is_refused(tmp_path):
     state = tmp_path / "site-state"
     state.mkdir()
