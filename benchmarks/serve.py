@@ -14,7 +14,7 @@ per request as multipart to ``POST /predict``; it shares the CPU with the server
    (different weights) half-way; counts 5xx other than deliberate 503s and the server's
    RSS at start, middle and end.
 
-    python benchmarks/serve.py [--model RUN_DIR] [--threads 2] [--load-requests 20000]
+    python benchmarks/serve.py [--model RUN_DIR] [--threads 1] [--load-requests 20000]
 
 Bars (issue 17): HTTP p50 <= 10 ms and p99 <= 25 ms at concurrency 1 (ORT fp32);
 >= 250 images/s at concurrency 16; zero 5xx other than 503 in the load test; memory flat.
@@ -139,7 +139,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="a Fashion-MNIST run folder or model.safetensors (default: the default model as initialised)")
     p.add_argument("--work", type=Path, help="folder for the export (reused when it holds model.onnx)")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the server (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the server (default 1: the event loop needs the other core)")
     p.add_argument("--latency-requests", type=int, default=500)
     p.add_argument("--throughput-requests", type=int, default=3000)
     p.add_argument("--load-requests", type=int, default=20000)
