@@ -139,7 +139,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="a Fashion-MNIST run folder or model.safetensors (default: the default model as initialised)")
     p.add_argument("--work", type=Path, help="folder for the export (reused when it holds model.onnx)")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the server (default 1: the event loop needs the other core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime intra-op threads of the server (default 1: the event loop needs the other core)",
+    )
     p.add_argument("--latency-requests", type=int, default=500)
     p.add_argument("--throughput-requests", type=int, default=3000)
     p.add_argument("--load-requests", type=int, default=20000)

@@ -16,6 +16,7 @@ from fedlens.ops.cli import main
 from fedlens.shared.inference import TorchPredictor, load_model, stack_images
 
 from ..shared.inference_models import CLASSES, checkpoint, random_pictures
+from ..shared.test_dicom import dicom, gradient, save
 from .serving import serving
 
 MAX_UPLOAD_MB = 1
@@ -101,6 +102,17 @@ def test_predict_multipart_and_json_agree_with_the_training_decoder(server, mode
         assert [t["label"] for t in mp["top"]][0] == CLASSES[best] == jp["top"][0]["label"]
         assert mp["top"][0]["probability"] == pytest.approx(float(row[best]), abs=1e-5)
         assert len(mp["top"]) == 3 and len(jp["top"]) == 2 and mp["top"][:2] == jp["top"]
+
+
+def test_a_dicom_upload_goes_through_the_dicom_reader(server, model, tmp_path):
+    scan = save(dicom(gradient(), WindowCenter=2048, WindowWidth=4096), tmp_path / "scan.dcm")
+    expected = _expected(model, [scan])[0]
+
+    r = server.client().post("/predict", files={"file": ("upload", scan.read_bytes(), "application/dicom")})
+
+    assert r.status_code == 200, r.text
+    top = r.json()["predictions"][0]["top"][0]
+    assert top["label"] == CLASSES[int(expected.argmax())] and top["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
 
 
 def test_v2_infer_takes_decoded_pixels_and_image_files(server, model, pictures):
