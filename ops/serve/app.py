@@ -163,6 +163,7 @@ class _Guard:
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
+                await _drain(receive)
                 await refusal(scope, receive, send_counted)
                 return
             await self.app(scope, self._limited(receive), send_counted)
@@ -170,6 +171,7 @@ class _Guard:
             if sent["started"]:
                 raise
             self.service.metrics.rejected.labels(reason="too large").inc()
+            await _drain(receive)
             await _error(413, self._too_large())(scope, receive, send_counted)
         finally:
             m = self.service.metrics
@@ -209,6 +211,21 @@ class _Guard:
 
 # Uploads up to this size are decoded on the event loop; larger ones in a worker thread.
 _INLINE_DECODE_BYTES = 64 * 1024
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a refused request body (up to ``_DRAIN_BYTES``), so the client,
+    still sending, reads the refusal instead of a reset connection."""
+    seen = 0
+    while seen <= _DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
+
+
+# A refused body is read and dropped up to this size; beyond it the connection is closed.
+_DRAIN_BYTES = 256 * 1024 * 1024
 
 _ROUTES = ("/", LIVE, "/v2/health/ready", "/v2", "/predict", "/metrics", "/openapi.json")
 
