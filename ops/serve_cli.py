@@ -128,6 +128,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
+        # Longer than a reverse proxy's or client pool's idle timeout (often 60 s), so the server is
+        # not the side that closes an idle connection at the moment the other side reuses it.
+        timeout_keep_alive=75,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
     )
