@@ -91,7 +91,7 @@ class Service:
             on_batch=self.metrics.batch_size.observe,
         )
         self.spool = ImageSpool(max_pixels=options.max_pixels)
-        self.explainer = Explainer(checkpoint=options.explain_model)
+        self.explainer = Explainer(checkpoint=options.explain_model, running=self.metrics.explaining)
         self.ready = False
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self._model_event("started")

@@ -14,7 +14,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from fedlens.shared.explain import get_method
 from fedlens.shared.inference import LoadedModel, load_model
 
 from .reload import ServedModel
+
+if TYPE_CHECKING:
+    from prometheus_client import Gauge
 
 __all__ = ["ALIASES", "ExplainBusy", "ExplainUnavailable", "Explainer", "method_name"]
 
@@ -63,8 +66,9 @@ class Explainer:
         The PyTorch checkpoint to explain with when the served model is ONNX.
     """
 
-    def __init__(self, *, checkpoint: str | Path | None = None) -> None:
+    def __init__(self, *, checkpoint: str | Path | None = None, running: Gauge | None = None) -> None:
         self._checkpoint = Path(checkpoint) if checkpoint else None
+        self._running = running
         self._onnx_model: LoadedModel | None = None
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlens-explain")
@@ -84,11 +88,15 @@ class Explainer:
         """
         if not self._lock.acquire(blocking=False):
             raise ExplainBusy("an explanation is already running; explanations run one at a time")
+        if self._running is not None:
+            self._running.inc()
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, self._run, model, images, targets, method)
         finally:
             self._lock.release()
+            if self._running is not None:
+                self._running.dec()
 
     def _torch_model(self, model: ServedModel) -> LoadedModel:
         if model.loaded is not None:

@@ -24,6 +24,7 @@ class ServeMetrics:
         self.queue_depth = Gauge("fedlens_serve_queue_depth", "requests waiting for the inference worker", registry=r)
         self.rejected = Counter("fedlens_serve_rejected", "requests refused before inference, by reason", ["reason"], registry=r)
         self.reloads = Counter("fedlens_serve_model_reloads", "model reload attempts by outcome", ["outcome"], registry=r)
+        self.explaining = Gauge("fedlens_serve_explanations_running", "explanations running now (at most 1)", registry=r)
         self.model = Info("fedlens_serve_model", "the model being served", registry=r)
         self.model_loaded = Gauge("fedlens_serve_model_loaded_timestamp_seconds", "when the served model was loaded", registry=r)
         self.reload_error = Gauge("fedlens_serve_model_reload_error", "1 while the newest model file could not be loaded", registry=r)

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from fedlens.ops.cli import main
+from fedlens.ops.procs import wait_for
 from fedlens.shared.inference import TorchPredictor, load_model, stack_images
 
 from ..shared.inference_models import CLASSES, checkpoint, random_pictures
@@ -193,6 +194,27 @@ def test_explanation_on_request_returns_an_overlay(server, pictures):
     assert e["overlay"].startswith("data:image/png;base64,")
     overlay = Image.open(io.BytesIO(base64.b64decode(e["overlay"].split(",", 1)[1])))
     assert overlay.size == (32, 32) and overlay.mode == "RGB"
+
+
+def test_a_second_explanation_while_one_runs_gets_503(server, pictures):
+    files = [("file", (f"{i}.png", pictures[i].read_bytes(), "image/png")) for i in range(4)]
+    one = {"file": ("a.png", pictures[0].read_bytes(), "image/png")}
+
+    def running() -> bool:
+        return "fedlens_serve_explanations_running 1.0" in server.client().get("/metrics").text
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(lambda: server.client().post("/predict", files=files, params={"explain": "ig"}))
+        wait_for(lambda: running() or first.done(), 60, "the first explanation to start", interval=0.02)
+        assert not first.done(), "the first explanation ended before the second could be sent"
+        second = server.client().post("/predict", files=one, params={"explain": "occlusion"})
+        plain = server.client().post("/predict", files=one)
+        first_answer = first.result(timeout=120)
+
+    assert second.status_code == 503 and second.headers["retry-after"] == "1" and "one at a time" in second.json()["error"]
+    assert plain.status_code == 200, "predictions without an explanation are not held up"
+    assert first_answer.status_code == 200 and len(first_answer.json()["predictions"]) == 4
+    assert all(p["explanation"]["method"] == "integrated-gradients" for p in first_answer.json()["predictions"])
 
 
 def test_metrics_count_requests_batches_and_the_model(server, pictures):
