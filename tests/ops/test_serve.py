@@ -243,6 +243,9 @@ def test_a_token_guards_everything_but_liveness(model, tmp_path):
 
     assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
     assert wrong.status_code == 401 and ok.status_code == 200
+    log = s.log()
+    assert "token required" in log and "s3cret" not in log
+    assert "fedlens serve: stopped" in log, "SIGTERM stops it gracefully (the lifespan's shutdown ran)"
 
 
 def test_a_public_address_needs_a_token(model, capsys):
