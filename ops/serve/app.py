@@ -163,7 +163,7 @@ class _Guard:
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
-                await _drain(receive)
+                await _drain(receive, 2 * self.service.options.max_upload_bytes)
                 await refusal(scope, receive, send_counted)
                 return
             await self.app(scope, self._limited(receive), send_counted)
@@ -171,7 +171,7 @@ class _Guard:
             if sent["started"]:
                 raise
             self.service.metrics.rejected.labels(reason="too large").inc()
-            await _drain(receive)
+            await _drain(receive, 2 * self.service.options.max_upload_bytes)
             await _error(413, self._too_large())(scope, receive, send_counted)
         finally:
             m = self.service.metrics
@@ -213,19 +213,16 @@ class _Guard:
 _INLINE_DECODE_BYTES = 64 * 1024
 
 
-async def _drain(receive: Receive) -> None:
-    """Read and drop the rest of a refused request body (up to ``_DRAIN_BYTES``), so the client,
-    still sending, reads the refusal instead of a reset connection."""
+async def _drain(receive: Receive, cap: int) -> None:
+    """Read and drop the rest of a refused request body before answering, at most ``cap`` bytes
+    (the refusal goes to a client that has finished sending; a larger body is left to the server)."""
     seen = 0
-    while seen <= _DRAIN_BYTES:
+    while seen <= cap:
         message = await receive()
         if message["type"] != "http.request" or not message.get("more_body", False):
             return
         seen += len(message.get("body", b""))
 
-
-# A refused body is read and dropped up to this size; beyond it the connection is closed.
-_DRAIN_BYTES = 256 * 1024 * 1024
 
 _ROUTES = ("/", LIVE, "/v2/health/ready", "/v2", "/predict", "/metrics", "/openapi.json")
 
@@ -292,8 +289,12 @@ def _model_info(model: ServedModel, name: str) -> dict[str, Any]:
 
 def _privacy_line(card: dict[str, Any]) -> str:
     if card.get("private") is None:
-        return "privacy unknown"
-    return "private (DP-SGD at every site)" if card["private"] else "not private at every site"
+        return "privacy unknown (no run summary next to the model)"
+    return (
+        "private (DP-SGD at every site)"
+        if card["private"]
+        else f"NOT private: {card.get('privacy_reason') or 'some site trained without DP-SGD'}"
+    )
 
 
 def build_app(service: Service) -> FastAPI:
