@@ -165,10 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data_cli import add_commands as add_data_commands
     from .model_cli import add_commands as add_model_commands
+    from .serve_cli import add_commands as add_serve_commands
     from .server_cli import add_commands as add_server_commands
     from .site_cli import add_commands as add_client_commands
 
     add_model_commands(sub)
+    add_serve_commands(sub)
     add_server_commands(sub)
     add_client_commands(sub)
     add_data_commands(sub)

@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["render_html"]
+__all__ = ["render_html", "overlays", "HEATMAP_CAVEAT", "TRUST_CAVEAT"]
+
+# What a heat map is and is not: the report's wording, also shown next to every overlay `fedlens serve` returns.
+HEATMAP_CAVEAT = "Heat maps explain one model's answer; they are not a diagnosis and do not prove the model is right."
+TRUST_CAVEAT = (
+    "The methods look at the model differently and often disagree. Trust the ones with a good faithfulness score "
+    "and no red flag in the explainability report (`fedlens explain`)."
+)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;line-height:1.45}
@@ -61,7 +68,7 @@ def _tag(src: str, alt: str) -> str:
     return f'<img src="{src}" alt="{html.escape(alt)}">'
 
 
-def _overlays(images: torch.Tensor, maps: dict[str, torch.Tensor]) -> list[dict[str, str]]:
+def overlays(images: torch.Tensor, maps: dict[str, torch.Tensor]) -> list[dict[str, str]]:
     """Per example: the image, and each method's map blended over it, as data URLs."""
     from matplotlib import colormaps
 
@@ -193,7 +200,7 @@ def render_html(report: dict[str, Any], images: torch.Tensor, maps: dict[str, to
             "The four methods look at the model differently and often disagree. Trust the ones with a <span class='ok'>good faithfulness score</span> and <b>no red flag</b> in the table below.",
             "A <span class='flag'>flag</span> means the method draws almost the same map for a model that learnt nothing (random weights). Its maps then show the image's edges, not the model's reasoning: do not use them to judge the model.",
             "Misclassified examples (pink rows) are shown on purpose: a heat map on the wrong region is a hint of what misled the model.",
-            "Heat maps explain one model's answer; they are not a diagnosis and do not prove the model is right.",
+            HEATMAP_CAVEAT,
         )
     ]
     parts.append("</ul></div>")
@@ -273,7 +280,7 @@ def render_html(report: dict[str, Any], images: torch.Tensor, maps: dict[str, to
         + " · ".join(f"<b>{e(m['title'])}</b>: {e(m['summary'])}" for m in report["methods"].values())
         + "</p>"
     )
-    rows_html = _overlays(images, maps)
+    rows_html = overlays(images, maps)
     current = None
     for ex, row in zip(report["examples"], rows_html):
         if ex["label"] != current:

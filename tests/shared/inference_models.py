@@ -34,12 +34,12 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
-def checkpoint(folder: Path, cache_dir: str) -> Path:
+def checkpoint(folder: Path, cache_dir: str, *, seed: int = 0) -> Path:
     """A 3-class Lite0 run folder at 32 px (``model.safetensors`` and a ``summary.json``:
-    site-a private at epsilon 2.5, site-b not private)."""
+    site-a private at epsilon 2.5, site-b not private); ``seed`` picks the weights."""
     cfg = FedConfig.from_mapping({"image-size": 32, "cache-dir": cache_dir, "dataset": "folder", "data-path": "unused", "num-rounds": 3})
     task = Task(cfg, len(CLASSES))
-    perturb(task.model)
+    perturb(task.model, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.safetensors"
     save_checkpoint(path, task.model.state_dict(), config=cfg.to_dict(), classes=CLASSES, round=3)
