@@ -120,15 +120,16 @@ def main() -> None:
     attackers = (0, 3) if args.quick else tuple(int(m) for m in args.attackers.split(","))
     dps = tuple(int(d) for d in args.dp.split(","))
     cells: dict[str, dict[str, Any]] = {}
-    # Every aggregator clean and under the strongest attack first: a grid cut short still compares them all.
-    extremes = [m for m in attackers if m in (min(attackers), max(attackers))]
-    order = [(s, m) for s in aggregators for m in extremes] + [(s, m) for s in aggregators for m in attackers if m not in extremes]
-    for dp in (bool(d) for d in dps):
-        for strategy, m in order:
-            name = f"{strategy}_dp{int(dp)}_m{m}"
-            cells[name] = _cell(base, strategy=strategy, dp=dp, attackers=m, attack=args.attack, out=out, resume=args.resume)
-            c = cells[name]
-            print(f"cell {name}: accuracy {c['accuracy']:.4f}, {c['refused']} refused, diverged in round {c['diverged']}", flush=True)
+    # Every aggregator under the strongest attack and clean first, with and without DP: a grid
+    # cut short still compares them all.
+    extremes = sorted({min(attackers), max(attackers)}, reverse=True)
+    order = [(dp, s, m) for dp in dps for m in extremes for s in aggregators]
+    order += [(dp, s, m) for dp in dps for s in aggregators for m in attackers if m not in extremes]
+    for dp, strategy, m in order:
+        name = f"{strategy}_dp{dp}_m{m}"
+        cells[name] = _cell(base, strategy=strategy, dp=bool(dp), attackers=m, attack=args.attack, out=out, resume=args.resume)
+        c = cells[name]
+        print(f"cell {name}: accuracy {c['accuracy']:.4f}, {c['refused']} refused, diverged in round {c['diverged']}", flush=True)
     attack = f"{args.attack} (attack-scale {base.attack_scale:g})" if args.attack == "scale" else args.attack
     print(
         f"final test accuracy, {base.num_sites} sites, {base.num_rounds} rounds, attack {attack}; (n) = updates refused, "
