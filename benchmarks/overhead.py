@@ -55,7 +55,8 @@ def main() -> None:
     summary = simulate(cfg, out / "simulation")
     sim_wall = time.monotonic() - t
     records = [json.loads(line) for line in (out / "simulation" / "metrics.jsonl").read_text().splitlines()]
-    site_train = sum(s["train-seconds"] for r in records for s in r["sites_train"].values())
+    # Private sites keep their training time to themselves (it is a statistic of their images).
+    site_train = sum(s.get("train-seconds", 0.0) for r in records for s in r["sites_train"].values())
     result(
         overhead_ratio=sim_wall / plain_wall,
         simulation_wall_s=sim_wall,
