@@ -128,6 +128,8 @@ def divergence_cause(cfg: FedConfig, *, server: bool, private: bool, lr: float |
         text += f", or a clipping bound (`max-grad-norm` = {cfg.max_grad_norm:g}) too large for it"
     if not private and cfg.optimizer == "sgd" and cfg.lr >= 0.1:
         text += "; the DP-tuned lr without DP-SGD's clipping does this: `--experiment non-private` has the settings for dp = false"
+    if server and cfg.strategy == "fedavg":
+        text += "; or poisoned updates from some sites, which a mean follows (fedmedian or fedtrimmedavg limit their pull)"
     return text
 
 

@@ -164,7 +164,7 @@ def test_a_diverged_round_is_neither_recorded_nor_published(tmp_path):
     with pytest.raises(RunDiverged, match=r"round 2: the global model diverged: test loss 31, past 10 x chance level's 1.099") as err:
         recorder.evaluate(2, _weights(-30.0))  # loss 31
     assert err.value.round == 2 and "The model of round 1 stays published" in str(err.value)
-    assert "learning rate" in str(err.value) and "max-grad-norm" in str(err.value)
+    assert "learning rate" in str(err.value) and "max-grad-norm" in str(err.value) and "poisoned updates" in str(err.value)
     assert [r["round"] for r in run.records()] == [1] and load_checkpoint(run.path).meta["round"] == 1
 
 
