@@ -32,6 +32,7 @@ class PlainResult:
     accuracy: float
     accuracies: list[float]
     max_epsilon: float
+    round_ends_s: list[float]  # seconds from the start to the end of each round
 
 
 def plain_fedavg(cfg: FedConfig, *, state_root: str | Path | None = None, site_eval: bool = True) -> PlainResult:
@@ -52,7 +53,7 @@ def plain_fedavg(cfg: FedConfig, *, state_root: str | Path | None = None, site_e
         privacy = SitePrivacy(budget, PrivacyLedger(root / name), site=name) if budget else None
         sites.append((name, site_train, site_held, privacy))
     state = task.trainable_state()
-    accuracies, max_eps = [], 0.0
+    accuracies, max_eps, round_ends = [], 0.0, []
     momentum: dict[str, torch.Tensor] = {}
     average = ModelAverage(cfg.ema_decay) if cfg.ema_decay else None
     for rnd in range(1, cfg.num_rounds + 1):
@@ -77,7 +78,8 @@ def plain_fedavg(cfg: FedConfig, *, state_root: str | Path | None = None, site_e
                 if len(held):
                     task.evaluate(held)
         accuracies.append(task.evaluate(test_data).accuracy)
-    return PlainResult(time.monotonic() - started, accuracies[-1], accuracies, max_eps)
+        round_ends.append(time.monotonic() - started)
+    return PlainResult(time.monotonic() - started, accuracies[-1], accuracies, max_eps, round_ends)
 
 
 def _local_round(
