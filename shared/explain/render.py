@@ -151,21 +151,33 @@ def _fmt(v: Any, digits: int = 3) -> str:
 SITE_ROWS = 20
 
 
-def _site_privacy(sites: dict[str, dict[str, float]]) -> str:
-    """The privacy each site spent: one row per site, or for a large federation its spread and the top spenders."""
+def _site_privacy(sites: dict[str, Any]) -> str:
+    """The privacy each site spent: one row per site, or for a large federation its spread and the top spenders.
+
+    A site's value is ``{"epsilon", "delta"}``, or a string (``"not private"``) for a site
+    that trained without DP-SGD.
+    """
     e = html.escape
     header = "<table><tr><th class='l'>site</th><th>epsilon spent</th><th>delta</th></tr>"
 
-    def row(name: str, v: dict[str, float]) -> str:
+    def row(name: str, v: Any) -> str:
+        if not isinstance(v, dict):
+            return f"<tr><td class='l'>{e(name)}</td><td colspan=2>{e(str(v))}</td></tr>"
         return f"<tr><td class='l'>{e(name)}</td><td>{v['epsilon']:.3f}</td><td>{v['delta']:.1e}</td></tr>"
 
     if len(sites) <= SITE_ROWS:
         return header + "".join(row(s, v) for s, v in sites.items()) + "</table>"
-    eps = np.array([v["epsilon"] for v in sites.values()])
-    deltas = sorted({v["delta"] for v in sites.values()})
-    top = sorted(sites.items(), key=lambda kv: -kv[1]["epsilon"])[:5]
+    private = {s: v for s, v in sites.items() if isinstance(v, dict)}
+    others = len(sites) - len(private)
+    text = f"<p>{len(sites)} sites trained"
+    text += f"; {others} of them without DP-SGD" if others else ""
+    if not private:
+        return text + ".</p>"
+    eps = np.array([v["epsilon"] for v in private.values()])
+    deltas = sorted({v["delta"] for v in private.values()})
+    top = sorted(private.items(), key=lambda kv: -kv[1]["epsilon"])[:5]
     return (
-        f"<p>{len(sites)} sites trained. Epsilon spent: min {eps.min():.3f}, median {np.median(eps):.3f}, max {eps.max():.3f}; "
+        text + f". Epsilon spent: min {eps.min():.3f}, median {np.median(eps):.3f}, max {eps.max():.3f}; "
         f"delta {', '.join(f'{d:.1e}' for d in deltas)}. The five largest spenders:</p>"
         + header
         + "".join(row(s, v) for s, v in top)

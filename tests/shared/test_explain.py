@@ -195,3 +195,12 @@ def test_the_model_card_lists_a_few_sites_and_summarises_a_thousand():
     assert "1000 sites trained" in html_many and "min 0.000, median 4.995, max 9.990" in html_many
     assert "site-999" in html_many and "site-0<" not in html_many
     assert "fedlens privacy show" in html_many
+
+
+def test_the_model_card_names_sites_that_trained_without_dp():
+    # A non-private run's summary gives each site "not private" instead of its epsilon and delta.
+    few = {"site-0": "not private", "site-1": {"epsilon": 2.0, "delta": 1e-5}}
+    html_few = _site_privacy(few)
+    assert "<td colspan=2>not private</td>" in html_few and "2.000" in html_few
+    many = {f"site-{i}": "not private" for i in range(30)}
+    assert "30 sites trained; 30 of them without DP-SGD." in _site_privacy(many)

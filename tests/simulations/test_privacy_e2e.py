@@ -85,11 +85,13 @@ def test_no_site_may_train_ends_the_run_cleanly_with_the_reason(private_run, tmp
 
 
 def test_non_private_run_says_so(tmp_path, cache_dir, caplog):
-    summary = simulate(_cfg(cache_dir, dp=False, **{"num-rounds": 1}), tmp_path / "run")
+    summary = simulate(_cfg(cache_dir, dp=False, **{"num-rounds": 1, "report-per-class": 1}), tmp_path / "run")
     assert summary["private"] is False
     assert "dp = false" in summary["privacy"]["reason"]
     assert not any((tmp_path / "run" / "sites").rglob("*"))  # no site kept a ledger
     assert "NOT differentially private" in caplog.text
+    # The report's model card says so per site, too.
+    assert "<td colspan=2>not private</td>" in (tmp_path / "run" / "report" / "report.html").read_text()
 
 
 def _releases_within(budget: float, noise: float, sites: int, delta: float) -> int:
