@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from fedlens.shared.config import FedConfig, load_config, parse_overrides
@@ -47,35 +47,34 @@ def result(**values: object) -> None:
     print("RESULT " + " ".join(parts), flush=True)
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes (RSS) of ``pid`` and all its descendants alive now."""
+def _tree_sum(pid: int, proc_file: str, value: Callable[[str], int]) -> int:
+    """Sum of ``value(text of /proc/<p>/<proc_file>)`` over ``pid`` and its descendants alive now."""
     from fedlens.ops.procs import tree
 
-    page = os.sysconf("SC_PAGE_SIZE")
     total = 0
     for p in tree(pid):
         try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * page
+            with open(f"/proc/{p}/{proc_file}") as f:
+                total += value(f.read())
         except (OSError, IndexError, ValueError):
             continue  # ended meanwhile
     return total
 
 
+def tree_rss(pid: int) -> int:
+    """Resident bytes (RSS) of ``pid`` and all its descendants alive now."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return _tree_sum(pid, "statm", lambda text: int(text.split()[1]) * page)
+
+
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by ``pid`` and its descendants alive now."""
-    from fedlens.ops.procs import tree
 
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile
-    return total / tick
+    def ticks(text: str) -> int:
+        fields = text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return int(fields[11]) + int(fields[12])  # utime, stime
+
+    return _tree_sum(pid, "stat", ticks) / os.sysconf("SC_CLK_TCK")
 
 
 class PeakRss:
