@@ -49,7 +49,9 @@ def test_nan_huge_count_and_wrong_shape_sites_are_refused_by_name_and_cost_no_ac
         failures = attacked["site_failures"][site]
         assert len(failures) == 2 and all("update refused" in f and reason in f for f in failures), (site, failures)
     assert set(attacked["site_failures"]) == set(ATTACKERS)
-    assert abs(attacked["final_accuracy"] - clean["final_accuracy"]) <= 0.01, (clean["final_accuracy"], attacked["final_accuracy"])
+    # The refused sites cost at most a point. Runs differ by a point or so either way (Ray's update
+    # order, unseeded dropout): the attacked run, training on 7 sites, once scored 1.3 points above.
+    assert attacked["final_accuracy"] >= clean["final_accuracy"] - 0.01, (clean["final_accuracy"], attacked["final_accuracy"])
     record = json.loads((tmp_path / "attacked" / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(record["sites_train"]) == {f"site-{i}" for i in (0, 1, 3, 4, 6)}
 
