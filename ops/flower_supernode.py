@@ -5,8 +5,10 @@
     python -m fedlens.ops.flower_supernode [flower-supernode arguments]
 
 Before it runs ``flower-supernode``'s main with the arguments given, it shortens the
-SuperNode's fixed waits: 3 s between asks for a message, 0.5 s between checks for the
-site's answer, 1 s before asking again for content still uploading (:func:`fedlens.server.flower_waits.shorten_supernode_waits`). On a
+SuperNode's fixed waits while the site is at work: 3 s between asks for a message, 0.5 s
+between checks for the site's answer, 1 s before asking again for content still uploading
+(:func:`fedlens.server.flower_waits.shorten_supernode_waits`). An idle site asks for
+messages every 3 s, as Flower's does. On a
 Flower it was not read from it changes nothing and logs why; the SuperNode then runs
 with Flower's own waits.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from fedlens.server.flower_waits import MESSAGE_POLL_S, PULL_BACKOFF_S, REPLY_POLL_S, shorten_supernode_waits
+from fedlens.server.flower_waits import ACTIVE_S, IDLE_POLL_S, MESSAGE_POLL_S, PULL_BACKOFF_S, REPLY_POLL_S, shorten_supernode_waits
 
 __all__ = ["main"]
 
@@ -33,9 +35,12 @@ def main() -> None:
     why_not = shorten_supernode_waits()
     if why_not is None:
         _log.info(
-            "SuperNode waits: asks for messages every %.1f s, checks for the site's answer every %.1f s, "
+            "SuperNode waits: asks for messages every %.1f s while at work (a message in the last %.0f s), "
+            "every %.1f s when idle; checks for the site's answer every %.1f s, "
             "retries content still uploading after %.1f s (Flower's own: 3 s, 0.5 s, 1 s)",
             MESSAGE_POLL_S,
+            ACTIVE_S,
+            IDLE_POLL_S,
             REPLY_POLL_S,
             PULL_BACKOFF_S,
         )

@@ -9,7 +9,7 @@ import threading
 
 from fedlens.ops.procs import flower_env, free_port
 from fedlens.ops.supernode import SECRET_FILE, SiteSettings, supernode_command
-from fedlens.server.flower_waits import MESSAGE_POLL_S
+from fedlens.server.flower_waits import IDLE_POLL_S, MESSAGE_POLL_S
 
 
 def test_the_site_supernode_runs_with_the_shorter_waits(tmp_path):
@@ -35,5 +35,6 @@ def test_the_site_supernode_runs_with_the_shorter_waits(tmp_path):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     text = "".join(lines)
-    assert f"SuperNode waits: asks for messages every {MESSAGE_POLL_S:.1f} s" in text, text
+    assert f"SuperNode waits: asks for messages every {MESSAGE_POLL_S:.1f} s while at work" in text, text
+    assert f"every {IDLE_POLL_S:.1f} s when idle" in text, text
     assert "left at Flower's own" not in text

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fedlens.server import flower_waits
 
 # Run in a fresh interpreter: the adjustments rebind names inside Flower's modules for the
@@ -24,8 +26,11 @@ assert shorten_supernode_waits() is None, shorten_supernode_waits()
 assert shorten_serverapp_waits() is None, shorten_serverapp_waits()
 loop = importlib.import_module("flwr.supernode.start_client_internal")
 grid = importlib.import_module("flwr.superlink.grid.http_grid")
-print("message-poll", loop.time.waits[3])  # Flower's loop calls time.sleep(3) and time.sleep(0.5)
-print("reply-poll", loop.time.waits[0.5])
+pacer = loop.time.pacer  # Flower's loop calls time.sleep(3) and time.sleep(0.5)
+print("idle-poll", pacer.wait_s())  # a SuperNode starts idle
+print("reply-poll", loop.time.reply_poll_s)
+pacer.mark_busy()
+print("message-poll", pacer.wait_s())
 print("time.time", loop.time.time is time.time)
 for name, module in (("supernode", loop), ("grid", grid)):
     print(name, module.pull_objects.func is pull_objects, module.pull_objects.keywords["initial_backoff"])
@@ -37,6 +42,7 @@ def test_the_installed_flower_gets_every_shortened_wait():
     assert proc.returncode == 0, proc.stderr
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert float(out["message-poll"]) == flower_waits.MESSAGE_POLL_S
+    assert float(out["idle-poll"]) == flower_waits.IDLE_POLL_S == 3.0  # Flower's own while idle
     assert float(out["reply-poll"]) == flower_waits.REPLY_POLL_S
     assert out["time.time"] == "True"  # every other use of `time` is the real module
     assert out["supernode"] == out["grid"] == f"True {flower_waits.PULL_BACKOFF_S}"
@@ -61,3 +67,42 @@ def test_a_loop_whose_sleeps_changed_is_left_alone_and_says_why(monkeypatch):
     why = flower_waits.shorten_supernode_waits()
     assert why is not None and "no longer Flower 1.42's" in why and "self.pull_interval" in why
     assert other.time is time and not hasattr(other, "pull_objects")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_pacer_asks_often_only_while_at_work():
+    clock = _Clock()
+    pacer = flower_waits.Pacer(busy_s=0.5, idle_s=3.0, active_s=120.0, clock=clock)
+    assert pacer.wait_s() == 3.0  # never at work yet
+    pacer.mark_busy()
+    clock.now += 119.9
+    assert pacer.wait_s() == 0.5
+    clock.now += 0.2
+    assert pacer.wait_s() == 3.0 and not pacer.busy
+    pacer.mark_busy()
+    assert pacer.busy and pacer.wait_s() == 0.5
+
+
+def test_the_supernode_stand_in_marks_work_on_the_reply_wait_only():
+    clock = _Clock()
+    pacer = flower_waits.Pacer(busy_s=0.0, idle_s=0.01, active_s=60.0, clock=clock)
+    stand_in = flower_waits._SitePoll(pacer, reply_poll_s=0.0)
+    stand_in.sleep(3)  # no message waiting: stays idle
+    assert not pacer.busy
+    stand_in.sleep(0.5)  # Flower waits 0.5 s only while its site answers a message
+    assert pacer.busy
+    clock.now += 61
+    assert not pacer.busy
+    assert stand_in.monotonic is time.monotonic  # everything else is the real `time`
+
+
+def test_a_pacer_refuses_to_wait_longer_at_work_than_idle():
+    with pytest.raises(ValueError, match=r"busy_s=5.0, idle_s=3.0"):
+        flower_waits.Pacer(busy_s=5.0, idle_s=3.0, active_s=1.0)
