@@ -36,7 +36,7 @@ from fedlens.shared.privacy import SiteRefusal
 
 from .fab import app_pyproject
 
-__all__ = ["AppApprovals", "AppNotApproved", "SiteExecutor", "default_app_hash"]
+__all__ = ["AppApprovals", "AppNotApproved", "SiteExecutor", "StallGuard", "default_app_hash"]
 
 _log = logging.getLogger("fedlens.site.executor")
 
@@ -286,10 +286,50 @@ class SiteExecutor:
         )
 
 
-# A task's message is on the SuperNode before the task exists, so pulling it takes well under
-# a second. A task whose message never arrives (one of a run the server lost in a restart)
-# must fail within this bound, not block the tasks behind it (Flower's default: 2 hours).
-_PULL_MAX_S = 30.0
+# A task can reach the executor before its message's content has reached the SuperNode: the
+# SuperNode lists the task, then pulls the content from the server. That takes well under a
+# second for the default policy's updates, and over 30 s for `policy = "full"` (13.8 MB) with
+# 20 sites pulling at once on one loaded 2-core machine. So the executor waits while content
+# keeps arriving, and gives up when none has arrived for this long: a task whose message never
+# arrives (one of a run the server lost in a restart) must not block the tasks behind it.
+_PULL_STALL_S = 60.0
+# An outer bound on one message's pull, however steadily it arrives (Flower's default: 2 hours).
+_PULL_MAX_S = 1800.0
+
+
+class StallGuard:
+    """Wrap an object-pull function so that a pull fails once nothing has arrived for ``stall_s``.
+
+    Flower's ``pull_objects`` retries an object the puller reports as not yet available
+    (``ObjectUnavailableError``) until one overall deadline. The guard turns "not yet
+    available" into a permanent failure (``ObjectPullError``) once ``stall_s`` seconds have
+    passed since the guard was made or since any object last arrived, whichever is later.
+
+    Parameters
+    ----------
+    pull : callable
+        ``pull(object_id) -> bytes``, raising Flower's ``ObjectUnavailableError`` to retry.
+    stall_s : float
+        Seconds without any object arriving before the pull fails.
+    clock : callable, default time.monotonic
+    """
+
+    def __init__(self, pull: Callable[[str], bytes], *, stall_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.pull, self.stall_s, self._clock = pull, stall_s, clock
+        self.last_arrival = clock()
+
+    def __call__(self, object_id: str) -> bytes:
+        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+
+        try:
+            content = self.pull(object_id)
+        except ObjectUnavailableError:
+            waited = self._clock() - self.last_arrival
+            if waited >= self.stall_s:
+                raise ObjectPullError(object_id, f"nothing arrived from the SuperNode for {waited:.0f} s") from None
+            raise
+        self.last_arrival = self._clock()
+        return content
 
 
 def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
@@ -313,7 +353,7 @@ def _pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     tree = pulled.message_object_trees[0]
     message = pull_and_inflate_object_from_tree(
         tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        StallGuard(make_pull_object_fn_protobuf(client.PullObject, node, context.run_id), stall_s=_PULL_STALL_S),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message,
         max_time=_PULL_MAX_S,
