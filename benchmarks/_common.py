@@ -68,11 +68,16 @@ def tree_rss(pid: int) -> int:
 
 
 def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and its descendants alive now."""
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants.
+
+    A descendant alive now counts itself; one that has ended and was waited for counts in
+    its parent's children's time, so a process that ran and exited between two calls (a
+    run's ServerApp) is counted once.
+    """
 
     def ticks(text: str) -> int:
         fields = text.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        return int(fields[11]) + int(fields[12])  # utime, stime
+        return sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
 
     return _tree_sum(pid, "stat", ticks) / os.sysconf("SC_CLK_TCK")
 

@@ -112,10 +112,15 @@ def main() -> None:
             cfg_file.write_text(cfg.to_toml())
             out = root / f"run-{k}-{policy}"
             sampler = PeakRss(server.pid)
+            cpu_before = tree_cpu_s(server.pid), sum(tree_cpu_s(s.pid) for s in sites)
+            run_started = time.monotonic()
             run = procs.start(f"run-{k}-{policy}", "run", "--state-dir", str(state), "--config", str(cfg_file), "--out", str(out))
             if run.wait(timeout=1800) != 0:
                 raise SystemExit(procs.log(f"run-{k}-{policy}")[-3000:])
             peak = sampler.stop()
+            run_wall = time.monotonic() - run_started
+            server_run_cpu = tree_cpu_s(server.pid) - cpu_before[0]
+            sites_run_cpu = sum(tree_cpu_s(s.pid) for s in sites) - cpu_before[1]
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             elapsed = [r["elapsed_s"] for r in records]
             summary = json.loads((out / "summary.json").read_text())
@@ -127,11 +132,22 @@ def main() -> None:
                 "update_mb": summary["bytes_per_site_round"] / 1e6,
                 "peak_mb": peak / 1e6,
                 "growth_mb": (peak - idle) / 1e6,
+                "rounds_s": [b - a for a, b in zip(elapsed, elapsed[1:])],
+                # CPU seconds per round for the whole run (submission, start-up and round 1 included)
+                "server_cpu_s": server_run_cpu / args.rounds,
+                "site_cpu_s": sites_run_cpu / args.rounds / k,
+                # share of the machine's cores busy with the deployment during the run
+                "busy": (server_run_cpu + sites_run_cpu) / run_wall / (os.cpu_count() or 1),
             }
             rows.append(row)
             print(
                 f"{k:>3} sites/round, {policy:<6}: {row['round_s']:5.1f} s/round, {row['trained']:.1f} trained/round, "
                 f"update {row['update_mb']:.2f} MB/site, server peak {row['peak_mb']:.0f} MB (+{row['growth_mb']:.0f} MB over idle)",
+                flush=True,
+            )
+            print(
+                f"     rounds 2..: {', '.join(f'{t:.1f}' for t in row['rounds_s'])} s; CPU per round: server {row['server_cpu_s']:.1f} s, "
+                f"each sampled site {row['site_cpu_s']:.1f} s; the machine's {os.cpu_count()} cores {row['busy']:.0%} busy",
                 flush=True,
             )
     finally:
@@ -145,10 +161,16 @@ def main() -> None:
         *(f"round_s_{r['sampled']}={r['round_s']:.2f}" for r in default),
     ]
     values += [f"server_peak_mb_{r['sampled']}={r['peak_mb']:.0f}" for r in default]
+    values += [f"site_cpu_s_{r['sampled']}={r['site_cpu_s']:.2f}" for r in default]
+    values += [f"busy_{r['sampled']}={r['busy']:.2f}" for r in default]
     if default:
         values.append(f"update_mb_default={default[-1]['update_mb']:.3f}")
     if full:
-        values += [f"server_peak_mb_full_{full[0]['sampled']}={full[0]['peak_mb']:.0f}", f"update_mb_full={full[0]['update_mb']:.2f}"]
+        values += [
+            f"round_s_full_{full[0]['sampled']}={full[0]['round_s']:.2f}",
+            f"server_peak_mb_full_{full[0]['sampled']}={full[0]['peak_mb']:.0f}",
+            f"update_mb_full={full[0]['update_mb']:.2f}",
+        ]
     print("RESULT " + " ".join(values), flush=True)
     shutil.rmtree(root, ignore_errors=True)
 
