@@ -8,9 +8,10 @@ Before it runs ``flower-supernode``'s main with the arguments given, it shortens
 SuperNode's fixed waits while the site is at work: 3 s between asks for a message, 0.5 s
 between checks for the site's answer, 1 s before asking again for content still uploading
 (:func:`fedlens.server.flower_waits.shorten_supernode_waits`). An idle site asks for
-messages every 3 s, as Flower's does. On a
-Flower it was not read from it changes nothing and logs why; the SuperNode then runs
-with Flower's own waits.
+messages every 3 s, as Flower's does. It also retries a request the server answers with an
+internal error (:func:`fedlens.server.flower_retries.retry_supernode_server_errors`). On a
+Flower they were not read from they change nothing and log why; the SuperNode then runs
+with Flower's own waits and retries.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from fedlens.server.flower_retries import TRIES, retry_supernode_server_errors
 from fedlens.server.flower_waits import ACTIVE_S, IDLE_POLL_S, MESSAGE_POLL_S, PULL_BACKOFF_S, REPLY_POLL_S, shorten_supernode_waits
 
 __all__ = ["main"]
@@ -46,6 +48,11 @@ def main() -> None:
         )
     else:
         _log.warning("SuperNode waits left at Flower's own (messages every 3 s): %s", why_not)
+    why_not = retry_supernode_server_errors()
+    if why_not is None:
+        _log.info("SuperNode retries: a request the server answers with an internal error (500) is tried up to %d times", TRIES)
+    else:
+        _log.warning("SuperNode retries left at Flower's own (none on a server's internal error): %s", why_not)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

@@ -37,4 +37,5 @@ def test_the_site_supernode_runs_with_the_shorter_waits(tmp_path):
     text = "".join(lines)
     assert f"SuperNode waits: asks for messages every {MESSAGE_POLL_S:.1f} s while at work" in text, text
     assert f"every {IDLE_POLL_S:.1f} s when idle" in text, text
+    assert "SuperNode retries: a request the server answers with an internal error (500)" in text, text
     assert "left at Flower's own" not in text
