@@ -4,13 +4,15 @@ One real deployment on loopback (TLS and site authentication on): `fedlens serve
 start` and `--sites` sites, each a `fedlens client start` process with 60 tiny images
 (32 px, 3 classes). Then one `fedlens run` per setting, each sampling a different
 number of sites per round (`fraction-train`, `min-sites`), with the default fine-tune
-policy and, for the largest number, with `policy = "full"` (every weight travels).
+policy and, for the largest number (or the numbers given with `--full`), with
+`policy = "full"` (every weight travels). A setting whose run fails is reported and
+skipped; the `RESULT` line names it.
 Per setting: per-round time (mean over rounds 2..N), and the server's memory: the
 peak resident memory (RSS) of `fedlens server start` and all its descendants (the
 SuperLink and the run's ServerApp process, which receives and averages the updates),
 sampled every 0.2 s during the run, and its growth over the idle server.
 
-    python benchmarks/deploy_scale.py [--sites 20] [--sampled 5,10,20] [--rounds 3]
+    python benchmarks/deploy_scale.py [--sites 20] [--sampled 5,10,20] [--full 2,5] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import PeakRss, tree_cpu_s, tree_rss
 from _deploy import start_server, start_site, stop_children_on_sigterm
@@ -41,11 +44,17 @@ def _cli(env: dict[str, str], *args: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sites", type=int, default=20, help="sites started")
-    p.add_argument("--sampled", default="5,10,20", help="comma list: sites per round, one run each")
+    p.add_argument("--sampled", default="5,10,20", help="comma list: sites per round, one run each (default policy)")
+    p.add_argument(
+        "--full",
+        default=None,
+        help="comma list: sites per round for the runs with policy = full (every weight travels); default: the largest of --sampled",
+    )
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     stop_children_on_sigterm()
-    sampled = [int(k) for k in args.sampled.split(",")]
+    sampled = [int(k) for k in args.sampled.split(",") if k]
+    full_sampled = [int(k) for k in (args.full if args.full is not None else str(max(sampled))).split(",") if k]
     names = [f"site-{i:02d}" for i in range(args.sites)]
     root = Path(tempfile.mkdtemp(prefix="fedlens-deploy-scale-"))
     env = flower_env(FLWR_HOME=str(root / "flwr-home"))
@@ -53,7 +62,8 @@ def main() -> None:
     certs, state = root / "certs", root / "server"
     init_ca(certs, ["127.0.0.1"])
     procs = Procs(root / "logs", env)
-    rows: list[dict[str, float]] = []
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
     try:
         server, port = start_server(procs, certs, state)
         started = time.monotonic()
@@ -84,7 +94,7 @@ def main() -> None:
             f"(polls only; the machine has {os.cpu_count()} cores)",
             flush=True,
         )
-        settings = [(k, "last-1") for k in sampled] + [(max(sampled), "full")]
+        settings = [(k, "last-1") for k in sampled] + [(k, "full") for k in full_sampled]
         for k, policy in settings:
             online = connected()
             if online < k:  # a run would wait for k sites forever: say so and go on
@@ -115,9 +125,13 @@ def main() -> None:
             cpu_before = tree_cpu_s(server.pid), sum(tree_cpu_s(s.pid) for s in sites)
             run_started = time.monotonic()
             run = procs.start(f"run-{k}-{policy}", "run", "--state-dir", str(state), "--config", str(cfg_file), "--out", str(out))
-            if run.wait(timeout=1800) != 0:
-                raise SystemExit(procs.log(f"run-{k}-{policy}")[-3000:])
+            code = run.wait(timeout=1800)
             peak = sampler.stop()
+            if code != 0:  # say why, and go on with the next setting
+                failed.append(f"{k}-{policy}")
+                reason = [line for line in procs.log(f"run-{k}-{policy}").splitlines() if "error" in line.lower()][-1:]
+                print(f"{k:>3} sites/round, {policy:<6}: FAILED (exit {code}): {' '.join(reason)[:600]}", flush=True)
+                continue
             run_wall = time.monotonic() - run_started
             server_run_cpu = tree_cpu_s(server.pid) - cpu_before[0]
             sites_run_cpu = sum(tree_cpu_s(s.pid) for s in sites) - cpu_before[1]
@@ -165,12 +179,12 @@ def main() -> None:
     values += [f"busy_{r['sampled']}={r['busy']:.2f}" for r in default]
     if default:
         values.append(f"update_mb_default={default[-1]['update_mb']:.3f}")
+    for r in full:
+        values += [f"round_s_full_{r['sampled']}={r['round_s']:.2f}", f"server_peak_mb_full_{r['sampled']}={r['peak_mb']:.0f}"]
     if full:
-        values += [
-            f"round_s_full_{full[0]['sampled']}={full[0]['round_s']:.2f}",
-            f"server_peak_mb_full_{full[0]['sampled']}={full[0]['peak_mb']:.0f}",
-            f"update_mb_full={full[0]['update_mb']:.2f}",
-        ]
+        values.append(f"update_mb_full={full[0]['update_mb']:.2f}")
+    if failed:
+        values.append("failed=" + ",".join(failed))
     print("RESULT " + " ".join(values), flush=True)
     shutil.rmtree(root, ignore_errors=True)
 

@@ -19,7 +19,18 @@ from pathlib import Path
 from fedlens.shared.errors import FedlensError
 from fedlens.shared.protocol import FLOWER_ENV
 
-__all__ = ["ChildExited", "Procs", "Supervisor", "flower_bin", "flower_env", "free_port", "listening", "tree", "wait_for"]
+__all__ = [
+    "ChildExited",
+    "Procs",
+    "Supervisor",
+    "die_with_parent",
+    "flower_bin",
+    "flower_env",
+    "free_port",
+    "listening",
+    "tree",
+    "wait_for",
+]
 
 
 def flower_bin(name: str) -> str:
@@ -185,7 +196,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """Linux: a ``preexec_fn`` that has the kernel SIGTERM the child when its parent dies (even by SIGKILL).
 
     libc is looked up here, in the parent: the function runs between fork and exec,
@@ -246,7 +257,7 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent(),
+            preexec_fn=die_with_parent(),
         )
         self.children[name] = proc
         self.recent[name] = collections.deque(maxlen=self._keep)

@@ -29,7 +29,7 @@ from fedlens.shared.config import DEFAULT_DELTA, DEFAULT_MAX_IMAGE_PIXELS
 from fedlens.shared.errors import FedlensError
 
 from .executor import AppApprovals, SiteExecutor
-from .procs import flower_env
+from .procs import die_with_parent, flower_env
 
 __all__ = ["DEFAULT_APP_PORT", "SiteSettings", "ConnectError", "check_server", "node_config", "supernode_command", "run_supernode"]
 
@@ -295,7 +295,12 @@ def run_supernode(s: SiteSettings, *, on_run: Callable[..., None] | None = None)
     secret = _new_secret(s.state_dir / SECRET_FILE)
     cmd = supernode_command(s)
     env = flower_env()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Its own session (stopped as a group), and SIGTERMed by the kernel if this process dies
+    # without stopping it (SIGKILL, the OOM killer): a SuperNode without its executor would
+    # take the server's tasks and never answer them.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=die_with_parent()
+    )
     executor = SiteExecutor(f"127.0.0.1:{s.port}", secret, AppApprovals(s.state_dir), site=s.name, on_run=on_run)
     threading.Thread(target=executor.serve_forever, name="fedlens-site-executor", daemon=True).start()
 

@@ -104,7 +104,8 @@ def retry_on_server_error(
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                _log.warning("%s: the server answered %s; trying again in %.1f s (%d of %d)", what, exc, wait, attempt, tries)
+                answer = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                _log.warning("%s: the server answered %s; trying again in %.1f s (%d of %d)", what, answer, wait, attempt, tries)
                 sleep(wait)
                 wait *= 2
         return fn(*args, **kwargs)  # the last try: its error is the caller's

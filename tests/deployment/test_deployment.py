@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import signal
 import subprocess
 
 import pytest
 
 from fedlens.ops.certs import CertPaths, init_ca, issue_server_cert
-from fedlens.ops.procs import Procs, flower_env, free_port, listening, wait_for
+from fedlens.ops.procs import Procs, flower_env, free_port, listening, tree, wait_for
 from fedlens.ops.superlink import ServerSettings, superlink_command
 from fedlens.shared.checkpoint import read_checkpoint_meta
 from fedlens.shared.config import FedConfig
@@ -80,7 +81,14 @@ def test_site_killed_mid_round_run_finishes_and_site_rejoins(federation: Federat
     out = tmp_path / "run"
     run = federation.start_run(out, **{"num-rounds": 3, "round-timeout": 60.0})
     wait_for(lambda: "Receiving: train message" in federation.procs.log("site-c"), 180, "site-c to receive round 1")
-    federation.procs.stop("site-c", signal.SIGKILL)  # crash mid-round
+    # Crash mid-round: the OOM killer takes `fedlens client start` alone. Its SuperNode must not
+    # outlive it (it would take tasks no executor answers, and hold the site's port).
+    client = federation.procs.procs["site-c"]
+    supernodes = [pid for pid in tree(client.pid) if pid != client.pid]
+    assert supernodes, "site-c's SuperNode was not found"
+    os.kill(client.pid, signal.SIGKILL)
+    client.wait(timeout=10)
+    wait_for(lambda: not any(_alive(pid) for pid in supernodes), 60, "site-c's SuperNode to stop with its client")
     wait_for(lambda: len(_records(out)) >= 1, 240, "round 1 to complete without site-c")
     federation.start_site("site-c")  # the site comes back
     assert run.wait(timeout=600) == 0, federation.procs.log("run")[-3000:]
@@ -265,3 +273,12 @@ def test_insecure_mode_works_end_to_end_and_says_so(tmp_path, deploy_images, cac
         assert "INSECURE SERVER" in procs.log("server") and "INSECURE SITE" in procs.log("site-a")
     finally:
         procs.stop_all()
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie waiting for its parent to reap it has stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -15,7 +15,8 @@ from fedlens.server import flower_retries
 def _server_error(status: int = 500) -> httpx.HTTPStatusError:
     request = httpx.Request("POST", "https://127.0.0.1:1/v1/fleet/push-messages")
     response = httpx.Response(status, request=request)
-    return httpx.HTTPStatusError(f"Server error '{status}'", request=request, response=response)
+    message = f"Server error '{status}' for url '{request.url}'\nFor more information check: https://developer.mozilla.org/"
+    return httpx.HTTPStatusError(message, request=request, response=response)
 
 
 class _Flaky:
@@ -37,7 +38,11 @@ def test_a_call_the_server_answers_with_500_is_tried_again_after_doubling_waits(
     call = flower_retries.retry_on_server_error(flaky, what="send", tries=4, first_wait_s=0.5, sleep=waits.append)
     assert call(1) == 2 and flaky.calls == 3
     assert waits == [0.5, 1.0]
-    assert "send: the server answered" in caplog.text and "(1 of 4)" in caplog.text
+    assert (
+        "send: the server answered Server error '500' for url 'https://127.0.0.1:1/v1/fleet/push-messages'; trying again in 0.5 s (1 of 4)"
+        in caplog.text
+    )
+    assert "more information" not in caplog.text  # one line per retry
 
 
 def test_the_last_try_raises_and_other_errors_are_not_retried():
