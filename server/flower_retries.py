@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .flower_waits import FLOWER_SERIES, _version_refusal
+from .flower_waits import _SUPERNODE_LOOP, FLOWER_SERIES, _version_refusal
 
 __all__ = ["FIRST_WAIT_S", "TRIES", "retry_on_server_error", "retry_supernode_server_errors"]
 
@@ -51,7 +51,6 @@ _log = logging.getLogger("fedlens.site.supernode")
 TRIES = 6
 FIRST_WAIT_S = 0.5
 
-_SUPERNODE_LOOP = "flwr.supernode.start_client_internal"
 # The server-facing functions each loop step takes, as Flower 1.42 names them.
 _PULL_ARGS = ("receive", "get_run", "get_fab", "pull_object", "confirm_message_received")
 _PUSH_ARGS = ("send", "push_object")
@@ -151,7 +150,10 @@ def retry_supernode_server_errors(**options: Any) -> str | None:
         if missing:
             return f"{module.__name__}.{name} no longer takes {', '.join(missing)}"
     # Flower's loop passes these by keyword; a positional call would bypass the wrappers.
-    source = inspect.getsource(module)
+    try:
+        source = inspect.getsource(module)
+    except (OSError, TypeError) as exc:
+        return f"cannot read the source of {module.__name__} ({exc})"
     for name, args in steps.items():
         if not all(f"{a}={a}" in source for a in args):
             return f"{module.__name__} no longer passes {', '.join(args)} to {name} by keyword"
