@@ -33,14 +33,13 @@ site logs, as before.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .flower_waits import _SUPERNODE_LOOP, FLOWER_SERIES, _version_refusal
+from .flower_waits import FLOWER_SERIES, supernode_loop
 
 __all__ = ["FIRST_WAIT_S", "TRIES", "retry_on_server_error", "retry_supernode_server_errors"]
 
@@ -136,9 +135,10 @@ def retry_supernode_server_errors(**options: Any) -> str | None:
     str or None
         None when applied; otherwise why not (then nothing was changed).
     """
-    if why := _version_refusal():
-        return why
-    module = importlib.import_module(_SUPERNODE_LOOP)
+    loop = supernode_loop()
+    if isinstance(loop, str):
+        return loop
+    module, source = loop
     steps = {"_pull_and_store_message": _PULL_ARGS, "_push_messages": _PUSH_ARGS}
     for name, args in steps.items():
         step = getattr(module, name, None)
@@ -150,10 +150,6 @@ def retry_supernode_server_errors(**options: Any) -> str | None:
         if missing:
             return f"{module.__name__}.{name} no longer takes {', '.join(missing)}"
     # Flower's loop passes these by keyword; a positional call would bypass the wrappers.
-    try:
-        source = inspect.getsource(module)
-    except (OSError, TypeError) as exc:
-        return f"cannot read the source of {module.__name__} ({exc})"
     for name, args in steps.items():
         if not all(f"{a}={a}" in source for a in args):
             return f"{module.__name__} no longer passes {', '.join(args)} to {name} by keyword"

@@ -58,6 +58,7 @@ __all__ = [
     "Pacer",
     "shorten_serverapp_waits",
     "shorten_supernode_waits",
+    "supernode_loop",
 ]
 
 # The Flower release series whose code these adjustments were read from.
@@ -168,6 +169,24 @@ def _pull_backoff_refusal(module: ModuleType) -> str | None:
     return None
 
 
+def supernode_loop() -> tuple[ModuleType, str] | str:
+    """Flower's SuperNode loop module and its source, or why fedlens leaves it alone.
+
+    Returns
+    -------
+    (module, str) or str
+        The module and its source text; otherwise why not (another Flower series, or a
+        source that cannot be read).
+    """
+    if why := _version_refusal():
+        return why
+    module = importlib.import_module(_SUPERNODE_LOOP)
+    try:
+        return module, inspect.getsource(module)
+    except (OSError, TypeError) as exc:
+        return f"cannot read the source of {module.__name__} ({exc})"
+
+
 def _set_pull_backoff(module: ModuleType, backoff_s: float) -> None:
     module.pull_objects = functools.partial(_flower_pull_objects(), initial_backoff=backoff_s)
 
@@ -190,14 +209,11 @@ def shorten_supernode_waits(
     str or None
         None when applied; otherwise why not (then nothing was changed).
     """
-    if why := _version_refusal():
-        return why
-    module = importlib.import_module(_SUPERNODE_LOOP)
+    loop = supernode_loop()
+    if isinstance(loop, str):
+        return loop
+    module, source = loop
     if not isinstance(module.time, _SitePoll):
-        try:
-            source = inspect.getsource(module)
-        except (OSError, TypeError) as exc:
-            return f"cannot read the source of {module.__name__} ({exc})"
         sleeps = collections.Counter(re.findall(r"\btime\.sleep\(([^)]*)\)", source))
         if module.time is not time or sleeps != _FLOWER_SLEEPS:
             return f"the sleeps in {module.__name__} are no longer Flower 1.42's (found {dict(sleeps)})"
